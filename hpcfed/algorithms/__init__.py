@@ -1,0 +1,1 @@
+"""Training algorithms: each module has server() and worker() entry points."""

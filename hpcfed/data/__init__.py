@@ -1,0 +1,1 @@
+"""Data sets (shipped, HDF5 files, synthetic) and partitioners."""

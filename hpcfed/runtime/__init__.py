@@ -1,0 +1,1 @@
+"""MPI runtime: roles, framed buffer messages, abort handling, device selection."""
