@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -39,13 +40,16 @@ def run_mpi(n: int, args: list[str], *, timeout: float = 120, cwd: Path | None =
     cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", *target]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd or REPO, env=full_env, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              cwd=cwd or REPO, env=full_env, start_new_session=True)
-    except subprocess.TimeoutExpired as exc:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # mpiexec and every rank it started
+        stdout, stderr = proc.communicate()
         pytest.fail(f"MPI job hung for more than {timeout}s: {' '.join(cmd)}\n"
-                    f"stdout: {exc.stdout}\nstderr: {exc.stderr}")
-    return MpiResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
+                    f"stdout: {stdout[-3000:]}\nstderr: {stderr[-3000:]}")
+    return MpiResult(proc.returncode, stdout, stderr, time.monotonic() - start)
 
 
 @pytest.fixture
