@@ -1,0 +1,154 @@
+"""The validated run configuration: pydantic models, YAML loading, ``--set`` overrides.
+
+Every error becomes one :class:`HpcfedError` line that names the key (or file) and
+what is allowed. The schema defaults ARE the built-in quickstart
+(``configs/quickstart.yaml`` spells them out, and a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hpcfed.errors import HpcfedError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    name: Literal["digits", "mnist1d", "hdf5", "synthetic"] = "digits"
+    path: str | None = None
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    partition: Literal["iid"] = "iid"
+    samples: int = Field(2000, ge=10, description="synthetic: number of samples")
+
+    @model_validator(mode="after")
+    def _path_fits_name(self) -> "DataConfig":
+        if self.name == "hdf5" and not self.path:
+            raise ValueError("data.path: required when data.name is 'hdf5' (an HDF5 file with datasets 'x' and 'y')")
+        if self.path and self.name != "hdf5":
+            raise ValueError(f"data.path: only used with data.name 'hdf5' (got data.name '{self.name}')")
+        if self.path and not Path(self.path).is_file():
+            raise ValueError(f"data.path: file '{self.path}' not found")
+        return self
+
+
+class ModelConfig(Section):
+    name: Literal["mlp", "cnn"] = "cnn"
+    hidden: int = Field(128, ge=1)
+
+
+class TrainConfig(Section):
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    eval_every: int = Field(25, ge=1)
+    threads: int = Field(1, ge=1, description="torch threads per rank")
+
+
+class OutputConfig(Section):
+    dir: str | None = None
+
+
+class Config(Section):
+    seed: int = Field(0, ge=0)
+    algorithm: Literal["sync"] = "sync"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML text (what is saved with every run)."""
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+    def digest(self) -> str:
+        """A short hash of the resolved config."""
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:16]
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML (or take the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+    raw = _read_yaml(path) if path else {}
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise HpcfedError(_describe(err)) from None
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise HpcfedError(f"config error: file '{path}' not found")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise HpcfedError(f"config error: {path}{where}: YAML syntax error: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise HpcfedError(f"config error: cannot read '{path}': {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise HpcfedError(f"config error: {path}: the top level must be a mapping of keys (got {type(data).__name__})")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise HpcfedError(f"config error: --set '{item}': expected KEY=VALUE, e.g. train.lr=0.1")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise HpcfedError(f"config error: --set {key}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``loc`` (for listing allowed keys)."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _describe(err: ValidationError) -> str:
+    """One line for the first validation problem: key, what is wrong, what is allowed."""
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc)
+    if first["type"] == "extra_forbidden":
+        owner = _section_at(loc)
+        allowed = ", ".join(owner.model_fields) if owner else ""
+        return f"config error: unknown key '{key}' (allowed here: {allowed})"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if key and message.split(":", 1)[0].startswith(key):  # a validator that names its own key
+        return f"config error: {message}"
+    shown = first.get("input")
+    got = "" if isinstance(shown, dict) else f" (got {shown!r})"
+    return f"config error: {key or 'config'}: {message}{got}"

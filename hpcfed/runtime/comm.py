@@ -1,0 +1,123 @@
+"""Roles, framed buffer messages and byte counting: the one place that talks MPI.
+
+A message is one contiguous uint8 buffer: a fixed 40-byte header (step, kind,
+sender, block, kernel version, payload length, one float metric) followed by the
+payload. Frames are allocated once and reused, travel with upper-case mpi4py calls
+(no pickling on the hot path), and every byte is counted by the rank that sends it.
+The MPI tag is the message kind; the header's step lets receivers drop stale messages.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Callable, TypeVar
+
+import numpy as np
+from mpi4py import MPI
+
+from hpcfed.errors import HpcfedError
+
+HEADER = np.dtype([
+    ("step", "<i8"), ("kind", "<i4"), ("sender", "<i4"), ("block", "<i4"),
+    ("version", "<i4"), ("length", "<i8"), ("metric", "<f8"),
+])
+SERVER = 0
+T = TypeVar("T")
+
+
+class Kind(IntEnum):
+    """Message kinds; also used as MPI tags."""
+
+    GRADIENT = 1
+    UPDATE = 2
+    KERNEL = 3
+    DATA = 4
+
+
+class Frame:
+    """A reusable message buffer: header + up to ``capacity`` payload bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.buffer = np.zeros(HEADER.itemsize + capacity, dtype=np.uint8)
+        self.head = self.buffer[:HEADER.itemsize].view(HEADER)
+
+    @property
+    def capacity(self) -> int:
+        return self.buffer.size - HEADER.itemsize
+
+    def write(self, payload: np.ndarray, *, step: int, kind: Kind, sender: int, block: int = 0,
+              version: int = 0, metric: float = 0.0) -> int:
+        """Copy ``payload`` in behind a filled header; returns the message size in bytes."""
+        raw = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
+        if raw.size > self.capacity:
+            raise ValueError(f"payload of {raw.size} bytes exceeds the frame capacity {self.capacity}")
+        self.buffer[HEADER.itemsize:HEADER.itemsize + raw.size] = raw
+        self.head[0] = (step, int(kind), sender, block, version, raw.size, metric)
+        return HEADER.itemsize + raw.size
+
+    def payload(self, dtype: np.dtype | type = np.uint8) -> np.ndarray:
+        """The received payload (a view), as ``dtype``."""
+        length = int(self.head["length"][0])
+        return self.buffer[HEADER.itemsize:HEADER.itemsize + length].view(dtype)
+
+    def field(self, name: str) -> int | float:
+        return self.head[name][0].item()
+
+
+class Channel:
+    """Point-to-point and broadcast transfers of frames over one communicator, with byte counts."""
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.bytes_sent = 0
+
+    def send(self, frame: Frame, nbytes: int, dest: int) -> None:
+        self.comm.Send([frame.buffer[:nbytes], MPI.BYTE], dest=dest, tag=int(frame.field("kind")))
+        self.bytes_sent += nbytes
+
+    def irecv(self, frame: Frame, source: int, kind: Kind) -> MPI.Request:
+        return self.comm.Irecv([frame.buffer, MPI.BYTE], source=source, tag=int(kind))
+
+    def bcast(self, frame: Frame, nbytes: int, root: int = SERVER) -> None:
+        """Broadcast the first ``nbytes`` of ``frame``; the root counts one copy per receiver."""
+        self.comm.Bcast([frame.buffer[:nbytes], MPI.BYTE], root=root)
+        if self.rank == root:
+            self.bytes_sent += nbytes * (self.size - 1)
+
+    def send_arrays(self, arrays: dict[str, np.ndarray], dest: int) -> int:
+        """Start-up transfer of named arrays (shapes by a small pickle, data as raw buffers)."""
+        self.comm.send({k: (a.dtype.str, a.shape) for k, a in arrays.items()}, dest=dest, tag=int(Kind.DATA))
+        sent = 0
+        for array in arrays.values():
+            contiguous = np.ascontiguousarray(array)
+            self.comm.Send(contiguous, dest=dest, tag=int(Kind.DATA))
+            sent += contiguous.nbytes
+        return sent
+
+    def recv_arrays(self, source: int) -> dict[str, np.ndarray]:
+        layout = self.comm.recv(source=source, tag=int(Kind.DATA))
+        arrays = {}
+        for name, (dtype, shape) in layout.items():
+            arrays[name] = np.empty(shape, dtype=np.dtype(dtype))
+            self.comm.Recv(arrays[name], source=source, tag=int(Kind.DATA))
+        return arrays
+
+
+def agree(comm: MPI.Comm, action: Callable[[], T], root: int = SERVER) -> T | None:
+    """Run ``action`` on ``root``; if it raises HpcfedError, every rank raises it together.
+
+    Returns the action's result on ``root`` and None elsewhere. Used for start-up work
+    (config, data, run directory) so a bad input ends all ranks cleanly with status 2.
+    """
+    result, problem = None, None
+    if comm.Get_rank() == root:
+        try:
+            result = action()
+        except HpcfedError as err:
+            problem = str(err)
+    problem = comm.bcast(problem, root=root)
+    if problem is not None:
+        raise HpcfedError(problem, everywhere=True)
+    return result

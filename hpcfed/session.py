@@ -1,0 +1,163 @@
+"""Start-up shared by every algorithm: agreed config, data handed out by rank 0, identical models.
+
+Sequence (all ranks): validate the config on rank 0 and agree; rank 0 loads and splits
+the data, creates the run directory and sends every worker its partition; every rank
+builds the model from the seed and takes rank 0's initial parameters by broadcast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hpcfed.config import Config, load_config
+from hpcfed.data.datasets import Dataset, load_dataset, train_test_split
+from hpcfed.data.partition import iid
+from hpcfed.errors import HpcfedError
+from hpcfed.models import FlatModel, build_model
+from hpcfed.runtime.comm import SERVER, Channel, agree
+
+LAUNCH_HINT = "mpiexec -n 4 python -m mpi4py -m hpcfed run [CONFIG]"
+
+
+@dataclass
+class Session:
+    """Everything one rank needs to train: config, channel, model, optimizer, its data."""
+
+    cfg: Config
+    channel: Channel
+    model: FlatModel
+    optimizer: torch.optim.Optimizer
+    data: Dataset                 # workers: their partition; rank 0: the test set
+    run_dir: Path | None          # rank 0 only
+    log: logging.Logger
+    started: float = field(default_factory=time.monotonic)
+    bytes_data: int = 0           # start-up data hand-out, counted on rank 0
+
+    @property
+    def rank(self) -> int:
+        return self.channel.rank
+
+    @property
+    def n_workers(self) -> int:
+        return self.channel.size - 1
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == SERVER
+
+
+def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm) -> Session:
+    """Run the start-up sequence on every rank; bad input ends all ranks with one line."""
+    log = logging.getLogger("hpcfed")
+    if comm.Get_size() < 2:
+        raise HpcfedError(f"hpcfed run needs at least 2 MPI ranks (rank 0 is the server, ranks 1.. are "
+                          f"workers); launch it as: {LAUNCH_HINT}", everywhere=True)
+    cfg: Config = comm.bcast(agree(comm, lambda: load_config(config_path, overrides)), root=SERVER)
+    torch.set_num_threads(cfg.train.threads)
+    channel = Channel(comm)
+    n_workers = comm.Get_size() - 1
+
+    def prepare() -> tuple[Dataset, list[Dataset], Path]:
+        full = load_dataset(cfg.data, cfg.seed)
+        train, test = train_test_split(full, cfg.data.test_fraction, cfg.seed)
+        if len(train) < n_workers:
+            raise HpcfedError(f"data: {len(train)} training samples cannot be split over {n_workers} workers")
+        parts = [train.subset(index) for index in iid(len(train), n_workers, cfg.seed)]
+        return test, parts, make_run_dir(cfg, config_path)
+
+    prepared = agree(comm, prepare)
+    if prepared is not None:
+        test, parts, run_dir = prepared
+        log.info("run directory %s; %d training samples over %d workers, %d test samples",
+                 run_dir, sum(len(p) for p in parts), n_workers, len(test))
+        print(cfg.to_yaml(), flush=True)
+        meta = (test.sample_shape, test.num_classes)
+    else:
+        run_dir, meta = None, None
+    sample_shape, num_classes = comm.bcast(meta, root=SERVER)
+
+    bytes_data = 0
+    if channel.rank == SERVER:
+        data = test
+        for worker, part in enumerate(parts, start=1):
+            bytes_data += channel.send_arrays({"x": part.x, "y": part.y}, worker)
+    else:
+        arrays = channel.recv_arrays(SERVER)
+        data = Dataset(arrays["x"], arrays["y"], num_classes)
+
+    model = FlatModel(build_model(cfg.model, sample_shape, num_classes, cfg.seed))
+    comm.Bcast(model.params.numpy(), root=SERVER)
+    return Session(cfg, channel, model, make_optimizer(cfg, model), data, run_dir, log, bytes_data=bytes_data)
+
+
+def make_optimizer(cfg: Config, model: FlatModel) -> torch.optim.Optimizer:
+    params = model.module.parameters()
+    if cfg.train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                           weight_decay=cfg.train.weight_decay)
+
+
+def make_run_dir(cfg: Config, config_path: str | None) -> Path:
+    """``output.dir``, or ``runs/<config name>-<timestamp>``; refuses a directory holding a finished run."""
+    if cfg.output.dir:
+        run_dir = Path(cfg.output.dir)
+    else:
+        name = Path(config_path).stem if config_path else "quickstart"
+        run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (run_dir / "summary.json").exists():
+        raise HpcfedError(f"output.dir: '{run_dir}' already holds a finished run; choose a new directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    except OSError as err:
+        raise HpcfedError(f"output.dir: cannot write to '{run_dir}' ({err.strerror})") from None
+    return run_dir
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, then rename: readers never see half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def parameter_hash(model: FlatModel) -> str:
+    """SHA-256 of the flat parameter bytes: equal hashes mean bit-identical replicas."""
+    return hashlib.sha256(model.params.numpy().tobytes()).hexdigest()
+
+
+def finish(session: Session, summary: dict) -> dict | None:
+    """Gather bytes and parameter hashes from every rank; rank 0 writes summary.json and returns it."""
+    comm = session.channel.comm
+    hashes = comm.gather(parameter_hash(session.model), root=SERVER)
+    sent = comm.gather(session.channel.bytes_sent, root=SERVER)
+    if not session.is_server:
+        return None
+    steps = summary["steps"]
+    summary.update(
+        bytes_up=int(sum(sent[1:])),
+        bytes_down=int(sent[0]),
+        bytes_up_per_worker_step=sum(sent[1:]) / max(1, session.n_workers * steps),
+        bytes_data=session.bytes_data,
+        wall_time_s=time.monotonic() - session.started,
+        world_size=session.channel.size,
+        param_hashes=hashes,
+        replicas_identical=len(set(hashes)) == 1,
+        config_digest=session.cfg.digest(),
+    )
+    write_atomic(session.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
