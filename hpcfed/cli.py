@@ -11,13 +11,16 @@ import argparse
 import logging
 import os
 import platform
+import socket
 import sys
+import time
 import traceback
 
 from hpcfed import __version__
 from hpcfed.errors import HpcfedError
 
 EXIT_USAGE = 2
+SETTLE_S = 0.2  # extra margin for ranks on other hosts to exit before rank 0 exits with an error status
 DESCRIPTION = """Communication-efficient, straggler-tolerant distributed and federated learning over MPI.
 
 Launch the training job (rank 0 = server, ranks 1.. = workers):
@@ -118,18 +121,40 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _wait_until_gone(pids: list[int], limit_s: float = 10.0) -> None:
+    """Wait (bounded) until these local processes have exited (or are zombies awaiting their parent)."""
+    deadline = time.monotonic() + limit_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                        break
+            except OSError:
+                break
+            time.sleep(0.01)
+    time.sleep(SETTLE_S)
+
+
 def _fail(err: HpcfedError, comm, log: logging.Logger) -> int:
     """Print the error once and end every rank with status 2, without hanging or traceback spam."""
     from mpi4py import MPI
 
     if err.everywhere:
-        if comm.Get_rank() == 0:
+        root = comm.Get_rank() == 0
+        if root:
             print(f"hpcfed: error: {err}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        if comm.Get_size() > 1 or "mpi4py.run" in sys.modules:
-            MPI.Finalize()   # a plain exit(2) under `python -m mpi4py` would become MPI_Abort with extra lines
-            os._exit(EXIT_USAGE)
-        return EXIT_USAGE
+        if comm.Get_size() == 1 and "mpi4py.run" not in sys.modules:
+            return EXIT_USAGE
+        # A plain exit(2) under `python -m mpi4py` becomes MPI_Abort (extra lines), and MPICH's launcher
+        # kills (signal 9, reported as status 9) ranks still running when rank 0 exits with an error.
+        # So: all ranks finalize, the others exit at once, and rank 0 a moment later, when they are gone.
+        ranks = comm.gather((socket.gethostname(), os.getpid()), root=0)
+        MPI.Finalize()
+        if root:
+            _wait_until_gone([pid for host, pid in ranks[1:] if host == socket.gethostname()])
+        os._exit(EXIT_USAGE)
     log.error("hpcfed: error: %s", err)
     sys.stdout.flush()
     sys.stderr.flush()
