@@ -27,7 +27,9 @@ class DataConfig(Section):
     name: Literal["digits", "mnist1d", "hdf5", "synthetic"] = "digits"
     path: str | None = None
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    partition: Literal["iid"] = "iid"
+    partition: Literal["iid", "dirichlet", "shards", "quantity"] = "iid"
+    alpha: float = Field(0.5, gt=0.0, description="dirichlet / quantity: concentration (smaller = more skewed)")
+    classes_per_part: int = Field(2, ge=1, description="shards: classes per worker block")
     samples: int = Field(2000, ge=10, description="synthetic: number of samples")
 
     @model_validator(mode="after")
@@ -57,6 +59,30 @@ class TrainConfig(Section):
     threads: int = Field(1, ge=1, description="torch threads per rank")
 
 
+class CodingConfig(Section):
+    enabled: bool = False
+    target: int | None = Field(None, ge=1, description="k: any k workers complete a step (default: workers - 1)")
+    scheme: Literal["cyclic", "fractional"] = "cyclic"
+    mode: Literal["coded", "wait-all", "drop-stragglers"] = "coded"
+
+
+class StragglerFaults(Section):
+    ranks: list[int] = Field(default_factory=list, description="worker ranks (>= 1) that straggle")
+    delay_s: float = Field(0.0, ge=0.0)
+    prob: float = Field(1.0, ge=0.0, le=1.0, description="chance per step that a chosen rank sleeps")
+    random: bool = Field(False, description="draw each delay from an exponential with mean delay_s")
+
+    @model_validator(mode="after")
+    def _worker_ranks(self) -> "StragglerFaults":
+        if any(rank < 1 for rank in self.ranks):
+            raise ValueError(f"faults.stragglers.ranks: worker ranks are >= 1 (got {self.ranks})")
+        return self
+
+
+class FaultsConfig(Section):
+    stragglers: StragglerFaults = StragglerFaults()
+
+
 class OutputConfig(Section):
     dir: str | None = None
 
@@ -67,6 +93,8 @@ class Config(Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    coding: CodingConfig = CodingConfig()
+    faults: FaultsConfig = FaultsConfig()
     output: OutputConfig = OutputConfig()
 
     def to_yaml(self) -> str:

@@ -1,8 +1,10 @@
 """Start-up shared by every algorithm: agreed config, data handed out by rank 0, identical models.
 
-Sequence (all ranks): validate the config on rank 0 and agree; rank 0 loads and splits
-the data, creates the run directory and sends every worker its partition; every rank
-builds the model from the seed and takes rank 0's initial parameters by broadcast.
+Sequence (all ranks): validate the config on rank 0 and agree; rank 0 builds the block
+assignment (plain or coded), loads and splits the data, cuts the training set into
+blocks with the configured partitioner, creates the run directory and sends every
+worker its blocks; every rank builds the model from the seed and takes rank 0's initial
+parameters by broadcast.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hpcfed.config import Config, load_config
+from hpcfed.coding import Assignment, make_assignment
+from hpcfed.config import CodingConfig, Config, load_config
 from hpcfed.data.datasets import Dataset, load_dataset, train_test_split
-from hpcfed.data.partition import iid
+from hpcfed.data.partition import PARAMS, partition
 from hpcfed.errors import HpcfedError
 from hpcfed.models import FlatModel, build_model
+from hpcfed.optim import make_optimizer
 from hpcfed.runtime.comm import SERVER, Channel, agree
 
 LAUNCH_HINT = "mpiexec -n 4 python -m mpi4py -m hpcfed run [CONFIG]"
@@ -37,7 +41,9 @@ class Session:
     channel: Channel
     model: FlatModel
     optimizer: torch.optim.Optimizer
-    data: Dataset                 # workers: their partition; rank 0: the test set
+    assignment: Assignment        # which worker holds which data blocks (plain or coded)
+    blocks: dict[int, Dataset]    # workers: their data blocks by block id; rank 0: empty
+    test: Dataset | None          # rank 0: the test set
     run_dir: Path | None          # rank 0 only
     log: logging.Logger
     started: float = field(default_factory=time.monotonic)
@@ -67,45 +73,64 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm)
     channel = Channel(comm)
     n_workers = comm.Get_size() - 1
 
-    def prepare() -> tuple[Dataset, list[Dataset], Path]:
+    def prepare() -> tuple[Dataset, list[Dataset], Assignment, Path]:
+        assignment = coding_assignment(cfg.coding, n_workers)
         full = load_dataset(cfg.data, cfg.seed)
         train, test = train_test_split(full, cfg.data.test_fraction, cfg.seed)
-        if len(train) < n_workers:
-            raise HpcfedError(f"data: {len(train)} training samples cannot be split over {n_workers} workers")
-        parts = [train.subset(index) for index in iid(len(train), n_workers, cfg.seed)]
-        return test, parts, make_run_dir(cfg, config_path)
+        if len(train) < assignment.n_blocks:
+            raise HpcfedError(f"data: {len(train)} training samples cannot be cut into {assignment.n_blocks} "
+                              f"blocks for {n_workers} workers")
+        index = cut_blocks(cfg, train, assignment.n_blocks)
+        return test, [train.subset(i) for i in index], assignment, make_run_dir(cfg, config_path)
 
     prepared = agree(comm, prepare)
     if prepared is not None:
-        test, parts, run_dir = prepared
-        log.info("run directory %s; %d training samples over %d workers, %d test samples",
-                 run_dir, sum(len(p) for p in parts), n_workers, len(test))
+        test, blocks, assignment, run_dir = prepared
+        log.info("run directory %s; %d training samples in %d blocks over %d workers (%s), %d test samples",
+                 run_dir, sum(len(b) for b in blocks), len(blocks), n_workers, describe(cfg, assignment), len(test))
         print(cfg.to_yaml(), flush=True)
-        meta = (test.sample_shape, test.num_classes)
+        shared = (test.sample_shape, test.num_classes, assignment)
     else:
-        run_dir, meta = None, None
-    sample_shape, num_classes = comm.bcast(meta, root=SERVER)
+        test, run_dir, shared = None, None, None
+    sample_shape, num_classes, assignment = comm.bcast(shared, root=SERVER)
 
-    bytes_data = 0
+    bytes_data, mine = 0, {}
     if channel.rank == SERVER:
-        data = test
-        for worker, part in enumerate(parts, start=1):
-            bytes_data += channel.send_arrays({"x": part.x, "y": part.y}, worker)
+        for worker in range(1, n_workers + 1):
+            held = {f"{b}/{name}": getattr(blocks[b], name) for b in assignment.blocks_of(worker - 1) for name in "xy"}
+            bytes_data += channel.send_arrays(held, worker)
     else:
         arrays = channel.recv_arrays(SERVER)
-        data = Dataset(arrays["x"], arrays["y"], num_classes)
+        mine = {b: Dataset(arrays[f"{b}/x"], arrays[f"{b}/y"], num_classes) for b in assignment.blocks_of(channel.rank - 1)}
 
     model = FlatModel(build_model(cfg.model, sample_shape, num_classes, cfg.seed))
     comm.Bcast(model.params.numpy(), root=SERVER)
-    return Session(cfg, channel, model, make_optimizer(cfg, model), data, run_dir, log, bytes_data=bytes_data)
+    return Session(cfg, channel, model, make_optimizer(cfg.train, model), assignment, mine, test, run_dir, log,
+                   bytes_data=bytes_data)
 
 
-def make_optimizer(cfg: Config, model: FlatModel) -> torch.optim.Optimizer:
-    params = model.module.parameters()
-    if cfg.train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.train.lr, momentum=cfg.train.momentum,
-                           weight_decay=cfg.train.weight_decay)
+def cut_blocks(cfg: Config, train: Dataset, n_blocks: int) -> list[np.ndarray]:
+    """Sample indices of each data block, by the configured partitioner (iid, dirichlet, ...)."""
+    params = {"alpha": cfg.data.alpha, "classes_per_part": cfg.data.classes_per_part}
+    return partition(cfg.data.partition, train.y, n_blocks, cfg.seed,
+                     **{k: v for k, v in params.items() if k in PARAMS[cfg.data.partition]})
+
+
+def coding_assignment(cfg: CodingConfig, n_workers: int) -> Assignment:
+    """The block assignment: coded (any k workers hold a full set), or one block per worker."""
+    if not cfg.enabled or cfg.mode != "coded":
+        return make_assignment(n_workers, n_workers, cfg.scheme)
+    target = cfg.target if cfg.target is not None else max(1, n_workers - 1)
+    return make_assignment(n_workers, target, cfg.scheme)
+
+
+def describe(cfg: Config, assignment: Assignment) -> str:
+    if not cfg.coding.enabled:
+        return "wait for all workers"
+    if cfg.coding.mode == "coded":
+        return (f"coded {assignment.scheme}: any {assignment.target} of {assignment.n_workers} workers complete a "
+                f"step; each worker computes {len(assignment.blocks_of(0))} block gradients")
+    return f"uncoded, {cfg.coding.mode}"
 
 
 def make_run_dir(cfg: Config, config_path: str | None) -> Path:

@@ -4,7 +4,8 @@ A message is one contiguous uint8 buffer: a fixed 40-byte header (step, kind,
 sender, block, kernel version, payload length, one float metric) followed by the
 payload. Frames are allocated once and reused, travel with upper-case mpi4py calls
 (no pickling on the hot path), and every byte is counted by the rank that sends it.
-The MPI tag is the message kind; the header's step lets receivers drop stale messages.
+The MPI tag is the direction (uplink, downlink, ...); the header says what the frame
+carries and for which step, so receivers can drop stale messages.
 """
 
 from __future__ import annotations
@@ -26,12 +27,24 @@ T = TypeVar("T")
 
 
 class Kind(IntEnum):
-    """Message kinds; also used as MPI tags."""
+    """What a frame carries (in its header)."""
 
-    GRADIENT = 1
-    UPDATE = 2
+    GRADIENT = 1   # worker -> rank 0: one block's gradient (or codec packet)
+    UPDATE = 2     # rank 0 -> worker: the aggregate of one step
+    RESYNC = 3     # rank 0 -> a late worker: parameters + optimizer state, to rejoin at the current step
+    KERNEL = 4
+
+
+class Tag(IntEnum):
+    """MPI tags: one per direction, so messages of one direction never overtake each other."""
+
+    UPLINK = 1
+    DOWNLINK = 2
     KERNEL = 3
     DATA = 4
+
+
+TAG_OF = {Kind.GRADIENT: Tag.UPLINK, Kind.UPDATE: Tag.DOWNLINK, Kind.RESYNC: Tag.DOWNLINK, Kind.KERNEL: Tag.KERNEL}
 
 
 class Frame:
@@ -74,34 +87,40 @@ class Channel:
         self.bytes_sent = 0
 
     def send(self, frame: Frame, nbytes: int, dest: int) -> None:
-        self.comm.Send([frame.buffer[:nbytes], MPI.BYTE], dest=dest, tag=int(frame.field("kind")))
+        self.comm.Send([frame.buffer[:nbytes], MPI.BYTE], dest=dest, tag=self._tag(frame))
         self.bytes_sent += nbytes
 
-    def irecv(self, frame: Frame, source: int, kind: Kind) -> MPI.Request:
-        return self.comm.Irecv([frame.buffer, MPI.BYTE], source=source, tag=int(kind))
+    def isend(self, frame: Frame, nbytes: int, dest: int) -> MPI.Request:
+        """Non-blocking send; the frame must not change until the request completes."""
+        self.bytes_sent += nbytes
+        return self.comm.Isend([frame.buffer[:nbytes], MPI.BYTE], dest=dest, tag=self._tag(frame))
 
-    def bcast(self, frame: Frame, nbytes: int, root: int = SERVER) -> None:
-        """Broadcast the first ``nbytes`` of ``frame``; the root counts one copy per receiver."""
-        self.comm.Bcast([frame.buffer[:nbytes], MPI.BYTE], root=root)
-        if self.rank == root:
-            self.bytes_sent += nbytes * (self.size - 1)
+    def recv(self, frame: Frame, source: int, tag: Tag) -> None:
+        self.comm.Recv([frame.buffer, MPI.BYTE], source=source, tag=int(tag))
+
+    def irecv(self, frame: Frame, source: int, tag: Tag) -> MPI.Request:
+        return self.comm.Irecv([frame.buffer, MPI.BYTE], source=source, tag=int(tag))
+
+    @staticmethod
+    def _tag(frame: Frame) -> int:
+        return int(TAG_OF[Kind(frame.field("kind"))])
 
     def send_arrays(self, arrays: dict[str, np.ndarray], dest: int) -> int:
         """Start-up transfer of named arrays (shapes by a small pickle, data as raw buffers)."""
-        self.comm.send({k: (a.dtype.str, a.shape) for k, a in arrays.items()}, dest=dest, tag=int(Kind.DATA))
+        self.comm.send({k: (a.dtype.str, a.shape) for k, a in arrays.items()}, dest=dest, tag=int(Tag.DATA))
         sent = 0
         for array in arrays.values():
             contiguous = np.ascontiguousarray(array)
-            self.comm.Send(contiguous, dest=dest, tag=int(Kind.DATA))
+            self.comm.Send(contiguous, dest=dest, tag=int(Tag.DATA))
             sent += contiguous.nbytes
         return sent
 
     def recv_arrays(self, source: int) -> dict[str, np.ndarray]:
-        layout = self.comm.recv(source=source, tag=int(Kind.DATA))
+        layout = self.comm.recv(source=source, tag=int(Tag.DATA))
         arrays = {}
         for name, (dtype, shape) in layout.items():
             arrays[name] = np.empty(shape, dtype=np.dtype(dtype))
-            self.comm.Recv(arrays[name], source=source, tag=int(Kind.DATA))
+            self.comm.Recv(arrays[name], source=source, tag=int(Tag.DATA))
         return arrays
 
 

@@ -1,13 +1,11 @@
-"""Data loading, splits, batches and flat models (no MPI)."""
+"""Data loading, splits and flat models (no MPI)."""
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
 
 from hpcfed.config import DataConfig, ModelConfig
-from hpcfed.data.batches import BatchSampler
 from hpcfed.data.datasets import load_dataset, train_test_split
 from hpcfed.errors import HpcfedError
 from hpcfed.models import FlatModel, build_model
@@ -51,16 +49,6 @@ def test_non_hdf5_file_is_named(tmp_path):
     path.write_text("not hdf5")
     with pytest.raises(HpcfedError, match="not a readable HDF5 file"):
         load_dataset(DataConfig(name="hdf5", path=str(path)), seed=0)
-
-
-@settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 200), batch=st.integers(1, 64), seed=st.integers(0, 5))
-def test_batches_cover_each_epoch_once(n, batch, seed):
-    sampler = BatchSampler(n, batch, seed, stream=1)
-    per_epoch = n // sampler.batch_size
-    seen = np.concatenate([sampler.next() for _ in range(per_epoch)])
-    assert len(np.unique(seen)) == len(seen) == per_epoch * sampler.batch_size
-    assert sampler.epoch == 0
 
 
 @pytest.mark.parametrize("name, shape, params", [("cnn", (1, 8, 8), 151_306), ("cnn", (1, 40), None), ("mlp", (1, 40), None)])
