@@ -53,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
-    from hpcfed.algorithms import sync_ps
+    from hpcfed.algorithms import fedavg, sync_ps
     from hpcfed.session import start_session
 
     session = start_session(args.config, args.overrides, MPI.COMM_WORLD)
-    summary = sync_ps.run(session)
+    summary = {"sync": sync_ps, "fedavg": fedavg}[session.cfg.algorithm].run(session)
     if summary is not None:
         session.log.info("done: %d steps, test accuracy %.2f%%, %.1f s, %s/summary.json",
                          summary["steps"], 100 * summary["final_accuracy"], summary["wall_time_s"], session.run_dir)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _wait_until_gone(pids: list[int], limit_s: float = 10.0) -> None:
+def _wait_until_gone(pids: list[int], limit_s: float = 30.0) -> None:
     """Wait (bounded) until these local processes have exited (or are zombies awaiting their parent)."""
     deadline = time.monotonic() + limit_s
     for pid in pids:

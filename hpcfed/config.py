@@ -7,6 +7,7 @@ what is allowed. The schema defaults ARE the built-in quickstart
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hpcfed.codec.codec import CompressionSettings
 from hpcfed.errors import HpcfedError
 
 
@@ -83,17 +85,47 @@ class FaultsConfig(Section):
     stragglers: StragglerFaults = StragglerFaults()
 
 
+class ServerAdjustConfig(Section):
+    enabled: bool = True
+    shared_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="of the training data, held by rank 0 only")
+    steps: int = Field(20, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_size: int = Field(32, ge=1)
+    prox: float = Field(0.0, ge=0.0, description="mu of (mu/2)||w - w_aggregate||^2")
+    early_stop: bool = Field(False, description="keep the best of the steps on a held-out slice of the shared set")
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+
+class FederatedConfig(Section):
+    clients: int = Field(20, ge=1)
+    rounds: int = Field(50, ge=1)
+    fraction: float = Field(0.3, gt=0.0, le=1.0, description="share of clients sampled per round")
+    local_steps: int = Field(20, ge=1)
+    keep_optimizer_state: bool = Field(False, description="clients keep their optimizer state between rounds")
+    server_adjust: ServerAdjustConfig = ServerAdjustConfig()
+
+
+class AggregationConfig(Section):
+    weighting: Literal["uniform", "samples"] = "samples"
+
+
 class OutputConfig(Section):
     dir: str | None = None
 
 
 class Config(Section):
+    """The whole run configuration (see configs/quickstart.yaml for every key with its default)."""
+
     seed: int = Field(0, ge=0)
-    algorithm: Literal["sync"] = "sync"
+    algorithm: Literal["sync", "fedavg"] = "sync"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    compression: CompressionSettings = CompressionSettings(enabled=False)
     coding: CodingConfig = CodingConfig()
+    federated: FederatedConfig = FederatedConfig()
+    aggregation: AggregationConfig = AggregationConfig()
     faults: FaultsConfig = FaultsConfig()
     output: OutputConfig = OutputConfig()
 
@@ -115,6 +147,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         return Config.model_validate(raw)
     except ValidationError as err:
         raise HpcfedError(_describe(err)) from None
+    except HpcfedError as err:   # a section's own range check (e.g. compression.bits)
+        raise HpcfedError(f"config error: {err}") from None
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -155,14 +189,23 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that owns the key at ``loc`` (for listing allowed keys)."""
-    model: type[BaseModel] | None = Config
+def _allowed_keys(section: Any) -> list[str]:
+    """Key names of a config section (a pydantic model or a pydantic dataclass)."""
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        return list(section.model_fields)
+    if dataclasses.is_dataclass(section):
+        return [f.name for f in dataclasses.fields(section)]
+    return []
+
+
+def _section_at(loc: tuple[Any, ...]) -> Any:
+    """The section type that owns the key at ``loc`` (for listing allowed keys)."""
+    section: Any = Config
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if model else None
-        annotation = field.annotation if field else None
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-    return model
+        hints = {f.name: f.type for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else {
+            name: field.annotation for name, field in getattr(section, "model_fields", {}).items()}
+        section = hints.get(str(part))
+    return section
 
 
 def _describe(err: ValidationError) -> str:
@@ -170,9 +213,8 @@ def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = tuple(first["loc"])
     key = ".".join(str(p) for p in loc)
-    if first["type"] == "extra_forbidden":
-        owner = _section_at(loc)
-        allowed = ", ".join(owner.model_fields) if owner else ""
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        allowed = ", ".join(_allowed_keys(_section_at(loc)))
         return f"config error: unknown key '{key}' (allowed here: {allowed})"
     message = str(first["msg"]).removeprefix("Value error, ")
     if key and message.split(":", 1)[0].startswith(key):  # a validator that names its own key

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hpcfed.codec.codec import GradientCodec
 from hpcfed.coding import CompletionTracker, block_batch, combine_block_gradients
 from hpcfed.errors import HpcfedError
 from hpcfed.optim import export_state, import_state, state_size
@@ -44,10 +45,21 @@ def block_batch_size(session: Session) -> int:
     return max(1, round(session.n_workers * session.cfg.train.batch_size / session.assignment.n_blocks))
 
 
-def apply_update(session: Session, update: Frame) -> None:
-    """Every rank: take the aggregate's bytes as the gradient and step the optimizer."""
-    session.model.grads.copy_(torch.from_numpy(update.payload(np.float32)))
+def make_codec(session: Session) -> GradientCodec:
+    """This rank's codec (raw fp32 packets when compression is off)."""
+    return GradientCodec(session.model.size, session.cfg.compression, seed=session.cfg.seed, rank=session.rank)
+
+
+def apply_update(session: Session, codec: GradientCodec, update: Frame) -> None:
+    """Every rank: decode the aggregate's packet into the gradient, step the optimizer, and
+    install the next kernel if the update carries one (after decoding: the packet used the old one)."""
+    step = int(update.field("step"))
+    payload = update.payload()
+    size = codec.payload_nbytes(step)
+    codec.decode(payload[:size], step, out=session.model.grads.numpy())
     session.optimizer.step()
+    if payload.size > size:
+        codec.install_kernel(payload[size:])
 
 
 @dataclass
@@ -70,12 +82,17 @@ class Server:
         self.mode = cfg.mode if cfg.enabled else "wait-all"
         self.wait_for = cfg.target if cfg.target is not None else max(1, workers - 1)
         self.tracker = CompletionTracker(session.assignment)
-        capacity = 4 * session.model.size
+        self.codec = make_codec(session)
+        capacity = 4 * session.model.size + self.codec.max_kernel_nbytes()
         per_worker = max(len(b) for b in session.assignment.blocks)
         self.inbox = Inbox(self.channel, range(1, workers + 1), per_worker, capacity, Tag.UPLINK)
+        self.block_grads = {b: np.zeros(session.model.size, np.float32) for b in range(session.assignment.n_blocks)}
+        self.local_kernels: dict[int, np.ndarray] = {}
+        self.kernel_bytes = 0
         self.update = Frame(capacity)
         self.update_sends: list[MPI.Request] = []
-        self.resync = {w: Frame(4 * (session.model.size + state_size(session.optimizer))) for w in range(1, workers + 1)}
+        state_bytes = 4 * (session.model.size + state_size(session.optimizer)) + self.codec.max_kernel_nbytes()
+        self.resync = {w: Frame(state_bytes) for w in range(1, workers + 1)}
         self.resync_sends: dict[int, MPI.Request] = {}
         self.answered = np.zeros(workers + 1, dtype=np.int64)   # last worker-step answered, by rank
         self.synced_to = np.zeros(workers + 1, dtype=np.int64)  # step each worker's state reaches once answered
@@ -98,19 +115,26 @@ class Server:
         self.log.wait_s.append(time.monotonic() - start)
         for index in self.inbox.ready():   # take whatever else has already arrived
             self._take(index, step, start, held, arrival)
+        codec, size = self.codec, self.codec.payload_nbytes(step)
         frames = {block: self.inbox.frames[index] for block, index in held.items()}
-        grads = {block: frame.payload(np.float32) for block, frame in frames.items()}
+        grads = {block: codec.decode(frame.payload()[:size], step, out=self.block_grads[block])
+                 for block, frame in frames.items()}
         aggregate = combine_block_gradients(grads, {b: block_batch_size(self.session) for b in grads})
         loss = float(np.mean([frame.field("metric") for frame in frames.values()]))
         for index in held.values():
             self.inbox.repost(index)
+        packet = codec.encode(aggregate, step)
+        kernel = codec.merge_kernels(list(self.local_kernels.values())) if codec.kernel_due(step + 1) else packet[:0]
+        self.local_kernels.clear()
+        self.kernel_bytes += kernel.size * self.session.n_workers
         MPI.Request.Waitall(self.update_sends)
-        nbytes = self.update.write(aggregate, step=step, kind=Kind.UPDATE, sender=SERVER)
+        nbytes = self.update.write([packet, kernel], step=step, kind=Kind.UPDATE, sender=SERVER,
+                                   version=codec.version)
         arrived = [w for w in range(1, self.session.n_workers + 1) if not np.isnan(arrival[w - 1])]
         self.update_sends = [self.channel.isend(self.update, nbytes, w) for w in arrived]
         self.answered[arrived] = step
         self.synced_to[arrived] = step
-        apply_update(self.session, self.update)
+        apply_update(self.session, codec, self.update)
         self.completed = step
         self.log.used.append(sorted({w + 1 for w in self.tracker.chosen().values()}))
         self.log.arrival_s.append(arrival.tolist())
@@ -121,8 +145,15 @@ class Server:
         frame = self.inbox.frames[index]
         sender, sent_step, block = frame.field("sender"), frame.field("step"), frame.field("block")
         if sent_step == step:
+            if frame.field("version") != self.codec.version:
+                raise RuntimeError(f"rank {sender} encoded step {step} with kernel version "
+                                   f"{frame.field('version')}; rank 0 has {self.codec.version}")
             if np.isnan(arrival[sender - 1]):
                 arrival[sender - 1] = time.monotonic() - start
+            payload, size = frame.payload(), self.codec.payload_nbytes(step)
+            if payload.size > size:   # a local kernel rides along (once per worker and refresh)
+                self.local_kernels[sender] = payload[size:].copy()
+                self.kernel_bytes += payload.size - size
             if self.tracker.add(sender - 1, block):
                 held[block] = index
                 return
@@ -136,8 +167,9 @@ class Server:
         if pending is not None:
             pending.Wait()
         frame = self.resync[worker]
-        nbytes = frame.write(export_state(self.session.model, self.session.optimizer).numpy(),
-                             step=self.completed, kind=Kind.RESYNC, sender=SERVER)
+        state = export_state(self.session.model, self.session.optimizer).numpy()
+        nbytes = frame.write([state, self.codec.kernel_payload()], step=self.completed, kind=Kind.RESYNC,
+                             sender=SERVER, version=self.codec.version)
         self.resync_sends[worker] = self.channel.isend(frame, nbytes, worker)
         self.answered[worker] = worker_step
         self.synced_to[worker] = self.completed
@@ -183,6 +215,8 @@ def server(session: Session) -> dict:
         "time_per_step_s": train_time_s / cfg.train.steps,
         "mean_wait_s": float(np.mean(log.wait_s)),
         "resyncs": log.resyncs,
+        "kernel_bytes": state.kernel_bytes,
+        "compression": cfg.compression.enabled,
         "used_fraction": (used / cfg.train.steps).tolist(),
         "evaluations": history,
         "per_step": {"wait_s": log.wait_s, "used": log.used, "arrival_s": log.arrival_s},
@@ -193,24 +227,30 @@ def worker(session: Session) -> None:
     cfg, channel, model = session.cfg, session.channel, session.model
     blocks = {b: (torch.from_numpy(d.x), torch.from_numpy(d.y)) for b, d in session.blocks.items()}
     batch = block_batch_size(session)
-    outbox = Frame(4 * model.size)
-    inbox = Frame(4 * (model.size + state_size(session.optimizer)))
+    codec = make_codec(session)
+    state_floats = model.size + state_size(session.optimizer)
+    outbox = Frame(4 * model.size + codec.max_kernel_nbytes())
+    inbox = Frame(4 * state_floats + codec.max_kernel_nbytes())
     straggle = Straggler(session)
     step = 1
     while step <= cfg.train.steps:
         straggle(step)
-        for block, (x, y) in blocks.items():
+        for position, (block, (x, y)) in enumerate(blocks.items()):
             rows = torch.from_numpy(block_batch(len(y), batch, cfg.seed, block, step))
             loss = compute_gradient(session, x[rows], y[rows], step)
-            nbytes = outbox.write(model.grads.numpy(), step=step, kind=Kind.GRADIENT, sender=session.rank,
-                                  block=block, metric=loss)
+            packet = codec.encode(model.grads.numpy(), step)
+            kernel = codec.local_kernel() if position == 0 and codec.kernel_due(step + 1) else packet[:0]
+            nbytes = outbox.write([packet, kernel], step=step, kind=Kind.GRADIENT, sender=session.rank,
+                                  block=block, version=codec.version, metric=loss)
             channel.send(outbox, nbytes, SERVER)
         channel.recv(inbox, SERVER, Tag.DOWNLINK)
         if inbox.field("kind") == Kind.UPDATE:
-            apply_update(session, inbox)
+            apply_update(session, codec, inbox)
             step += 1
-        else:   # RESYNC: this step closed without us; take rank 0's state and rejoin
-            import_state(model, session.optimizer, torch.from_numpy(inbox.payload(np.float32)))
+        else:   # RESYNC: this step closed without us; take rank 0's state and kernel, and rejoin
+            payload = inbox.payload()
+            import_state(model, session.optimizer, torch.from_numpy(payload[:4 * state_floats].view(np.float32)))
+            codec.install_kernel(payload[4 * state_floats:], any_version=True)
             step = int(inbox.field("step")) + 1
     finish(session, {})
 
@@ -230,9 +270,9 @@ class Straggler:
 
 
 def compute_gradient(session: Session, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
-    """Forward/backward into the flat gradient; a non-finite result is a clear error naming step and rank."""
+    """Forward/backward into the flat gradient; a non-finite loss is a clear error naming step and rank
+    (a non-finite gradient is caught, with the same detail, by the codec's encode)."""
     loss = session.model.backward(x, y)
-    if not (np.isfinite(loss) and torch.isfinite(session.model.grads).all()):
-        raise HpcfedError(f"non-finite loss or gradient at step {step} on rank {session.rank} "
-                          f"(loss {loss}); try a smaller train.lr")
+    if not np.isfinite(loss):
+        raise HpcfedError(f"non-finite loss {loss} at step {step} on rank {session.rank}; try a smaller train.lr")
     return loss

@@ -11,7 +11,7 @@ carries and for which step, so receivers can drop stale messages.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 from mpi4py import MPI
@@ -33,6 +33,9 @@ class Kind(IntEnum):
     UPDATE = 2     # rank 0 -> worker: the aggregate of one step
     RESYNC = 3     # rank 0 -> a late worker: parameters + optimizer state, to rejoin at the current step
     KERNEL = 4
+    PLAN = 5       # rank 0 -> all (fedavg): the clients of a round
+    MODEL = 6      # rank 0 -> worker (fedavg): the global parameters
+    DELTA = 7      # worker -> rank 0 (fedavg): a client's trained parameters minus the global ones
 
 
 class Tag(IntEnum):
@@ -44,7 +47,8 @@ class Tag(IntEnum):
     DATA = 4
 
 
-TAG_OF = {Kind.GRADIENT: Tag.UPLINK, Kind.UPDATE: Tag.DOWNLINK, Kind.RESYNC: Tag.DOWNLINK, Kind.KERNEL: Tag.KERNEL}
+TAG_OF = {Kind.GRADIENT: Tag.UPLINK, Kind.DELTA: Tag.UPLINK, Kind.UPDATE: Tag.DOWNLINK, Kind.RESYNC: Tag.DOWNLINK,
+          Kind.MODEL: Tag.DOWNLINK, Kind.PLAN: Tag.DOWNLINK, Kind.KERNEL: Tag.KERNEL}
 
 
 class Frame:
@@ -58,15 +62,22 @@ class Frame:
     def capacity(self) -> int:
         return self.buffer.size - HEADER.itemsize
 
-    def write(self, payload: np.ndarray, *, step: int, kind: Kind, sender: int, block: int = 0,
-              version: int = 0, metric: float = 0.0) -> int:
-        """Copy ``payload`` in behind a filled header; returns the message size in bytes."""
-        raw = np.ascontiguousarray(payload).reshape(-1).view(np.uint8)
-        if raw.size > self.capacity:
-            raise ValueError(f"payload of {raw.size} bytes exceeds the frame capacity {self.capacity}")
-        self.buffer[HEADER.itemsize:HEADER.itemsize + raw.size] = raw
-        self.head[0] = (step, int(kind), sender, block, version, raw.size, metric)
-        return HEADER.itemsize + raw.size
+    def write(self, payload: np.ndarray | Sequence[np.ndarray], *, step: int, kind: Kind, sender: int,
+              block: int = 0, version: int = 0, metric: float = 0.0) -> int:
+        """Copy the payload (one array, or parts laid end to end) in behind a filled header.
+
+        Returns the message size in bytes.
+        """
+        parts = [payload] if isinstance(payload, np.ndarray) else list(payload)
+        end = HEADER.itemsize
+        for part in parts:
+            raw = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+            if end + raw.size > self.buffer.size:
+                raise ValueError(f"payload exceeds the frame capacity {self.capacity}")
+            self.buffer[end:end + raw.size] = raw
+            end += raw.size
+        self.head[0] = (step, int(kind), sender, block, version, end - HEADER.itemsize, metric)
+        return end
 
     def payload(self, dtype: np.dtype | type = np.uint8) -> np.ndarray:
         """The received payload (a view), as ``dtype``."""
@@ -104,6 +115,12 @@ class Channel:
     @staticmethod
     def _tag(frame: Frame) -> int:
         return int(TAG_OF[Kind(frame.field("kind"))])
+
+    def bcast(self, frame: Frame, nbytes: int, root: int = SERVER) -> None:
+        """Collective broadcast of the first ``nbytes`` of ``frame``; the root counts one copy per receiver."""
+        self.comm.Bcast([frame.buffer[:nbytes], MPI.BYTE], root=root)
+        if self.rank == root:
+            self.bytes_sent += nbytes * (self.size - 1)
 
     def send_arrays(self, arrays: dict[str, np.ndarray], dest: int) -> int:
         """Start-up transfer of named arrays (shapes by a small pickle, data as raw buffers)."""

@@ -47,6 +47,6 @@ def test_wait_all_is_held_back_and_drop_stragglers_skips(tmp_path):
 ])
 def test_bad_coding_settings_are_one_line(tmp_path, args, expected):
     result = run_mpi(5, ["run", "--set", "coding.enabled=true", *args, "--set", f"output.dir={tmp_path}"], timeout=60)
-    assert result.returncode == 2
+    assert result.returncode == 2, (result.returncode, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0]
+    assert len(lines) == 1 and expected in lines[0], result.stderr

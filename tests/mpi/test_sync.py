@@ -76,9 +76,9 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, args, expected):
     broken.write_text("train: {lr: 0.1\n")
     args = [str(broken) if a == "BROKEN_YAML" else a for a in args]
     result = run_mpi(3, ["run", *args, "--set", f"output.dir={tmp_path / 'out'}"], timeout=60)
-    assert result.returncode == 2
+    assert result.returncode == 2, (result.returncode, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -15,6 +15,14 @@ def test_frame_round_trip():
     assert (frame.field("step"), frame.field("sender"), frame.field("block"), frame.field("metric")) == (7, 3, 2, 0.5)
 
 
+def test_frame_lays_parts_end_to_end():
+    frame = Frame(64)
+    nbytes = frame.write([np.arange(3, dtype=np.float32), np.array([7, 8], dtype=np.uint8)], step=1,
+                         kind=Kind.UPDATE, sender=0)
+    assert nbytes == HEADER.itemsize + 14 and frame.field("length") == 14
+    assert np.array_equal(frame.payload()[:12].view(np.float32), [0, 1, 2]) and list(frame.payload()[12:]) == [7, 8]
+
+
 def test_frame_rejects_oversized_payload():
     with pytest.raises(ValueError, match="exceeds the frame capacity"):
         Frame(8).write(np.zeros(3, dtype=np.float32), step=0, kind=Kind.UPDATE, sender=0)

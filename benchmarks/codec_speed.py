@@ -1,0 +1,124 @@
+"""Codec throughput (GB/s of fp32 gradient) against memcpy and PowerSGD, measured in one run.
+
+For each size: memcpy (np.copyto into a preallocated buffer), a worker's encode (with
+error feedback, averaged over a whole refresh cycle, so history steps count), the
+server's decode (into a preallocated vector, ``decode(..., out=)``), and PowerSGD's
+compress/decompress math on the same gradient viewed as a near-square matrix. PowerSGD
+is a faithful re-implementation of the per-matrix path of torch's ``powerSGD_hook``
+(that hook needs a DDP GradBucket): error feedback
+in, P = M Q, orthogonalize P with the hook's own ``_orthogonalize``, Q = M^T P; then
+decompress M' = P Q^T and the new error M - M'. Its two allreduces are left out
+(single process), which only flatters PowerSGD. One CPU thread for everything.
+
+    PYTHONPATH=. python benchmarks/codec_speed.py            # 1M..64M elements
+    PYTHONPATH=. python benchmarks/codec_speed.py --quick
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize  # noqa: E402
+
+from hpcfed.codec import CompressionSettings, GradientCodec  # noqa: E402
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """Best (minimum) wall time of ``repeats`` calls after one warm-up call: the machine is shared."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def powersgd(grad: np.ndarray, rank: int, repeats: int) -> tuple[float, float]:
+    """(compress s, decompress s) of PowerSGD's math on ``grad`` as a near-square matrix."""
+    n = grad.size
+    cols = 1 << int(np.ceil(np.log2(np.sqrt(n))))
+    m = torch.from_numpy(grad[: n - n % cols].copy()).view(1, -1, cols)
+    error = torch.zeros_like(m)
+    q = torch.randn(1, cols, rank)
+    p = torch.empty(1, m.shape[1], rank)
+
+    def compress() -> None:
+        m.add_(error)
+        torch.bmm(m, q, out=p)
+        _orthogonalize(p)
+        torch.bmm(m.transpose(1, 2), p, out=q)
+
+    out = torch.empty_like(m)
+
+    def decompress() -> None:
+        torch.bmm(p, q.transpose(1, 2), out=out)
+        torch.sub(m, out, out=error)
+
+    return best_seconds(compress, repeats), best_seconds(decompress, repeats)
+
+
+def measure(n: int, cfg: CompressionSettings, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(2)]
+    dst = np.empty_like(grads[0])
+    memcpy = best_seconds(lambda: np.copyto(dst, grads[0]), repeats)
+    worker, server = GradientCodec(n, cfg, rank=1), GradientCodec(n, cfg, rank=0)
+    cycle = list(range(1, 1 + cfg.refresh_every))            # steps with and without history
+    packets = {}
+
+    def encode_cycle() -> None:
+        for step in cycle:
+            packets[step] = worker.encode(grads[step % 2], step)
+
+    encode = best_seconds(encode_cycle, max(1, repeats // len(cycle))) / len(cycle)
+    decode = best_seconds(lambda: server.decode(packets[cycle[0]], cycle[0], out=dst), repeats)
+    start = time.perf_counter()
+    merged = server.merge_kernels([worker.local_kernel()])
+    worker.install_kernel(merged)
+    server.install_kernel(merged)
+    exchange = time.perf_counter() - start
+    row = {"elements": n, "memcpy_s": memcpy, "encode_s": encode, "decode_s": decode, "kernel_exchange_s": exchange,
+           "packet_bytes": int(packets[cycle[0]].size)}
+    for r in (1, 4):
+        row[f"psgd{r}_compress_s"], row[f"psgd{r}_decompress_s"] = powersgd(grads[0], r, repeats)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1M and 4M elements, fewer repeats")
+    parser.add_argument("--out", default="bench-out/codec_speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = CompressionSettings()
+    sizes = [1 << 20, 1 << 22] if args.quick else [1 << 20, 1 << 22, 1 << 24, 1 << 26]
+    rows = [measure(n, cfg, 3 if args.quick else 5) for n in sizes]
+    gbs = lambda n, s: 4 * n / s / 1e9  # noqa: E731
+    print(f"codec settings: {cfg}")
+    print("| elements | memcpy GB/s | encode GB/s (x memcpy) | decode GB/s (x memcpy) | PowerSGD r1 comp/decomp GB/s "
+          "| PowerSGD r4 comp/decomp GB/s | encode vs r1 compress | decode vs r1 decompress | kernel exchange s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        n, mem = r["elements"], gbs(r["elements"], r["memcpy_s"])
+        enc, dec = gbs(n, r["encode_s"]), gbs(n, r["decode_s"])
+        print(f"| {n / 2**20:.0f}M | {mem:.2f} | {enc:.2f} ({enc / mem:.2f}x) | {dec:.2f} ({dec / mem:.2f}x) "
+              f"| {gbs(n, r['psgd1_compress_s']):.2f} / {gbs(n, r['psgd1_decompress_s']):.2f} "
+              f"| {gbs(n, r['psgd4_compress_s']):.2f} / {gbs(n, r['psgd4_decompress_s']):.2f} "
+              f"| {r['psgd1_compress_s'] / r['encode_s']:.2f}x | {r['psgd1_decompress_s'] / r['decode_s']:.2f}x "
+              f"| {r['kernel_exchange_s']:.2f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"settings": str(cfg), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

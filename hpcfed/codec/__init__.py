@@ -1,0 +1,5 @@
+"""Gradient codec: block DCT, shared compression kernel, quantization, error feedback (pure xp code)."""
+
+from hpcfed.codec.codec import CompressionSettings, GradientCodec
+
+__all__ = ["CompressionSettings", "GradientCodec"]

@@ -1,0 +1,87 @@
+"""Kernel coding and merging: compact, exact, deterministic, order-independent."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from hpcfed.codec import kernel as kern
+from hpcfed.errors import HpcfedError
+
+
+@given(st.lists(st.integers(0, 2**62), max_size=200))
+def test_varint_round_trip(values: list[int]) -> None:
+    data = kern.varint_encode(np.array(values, dtype=np.uint64))
+    assert data.dtype == np.uint8
+    assert kern.varint_decode(data).tolist() == values
+
+
+def test_truncated_varint_is_an_error() -> None:
+    with pytest.raises(HpcfedError, match="truncated"):
+        kern.varint_decode(np.array([0x81], dtype=np.uint8))
+
+
+@given(blocks=st.integers(1, 50), n=st.sampled_from([2, 4, 8]), frac=st.floats(0.01, 1.0))
+def test_lowfreq_kernel_spreads_over_blocks(blocks: int, n: int, frac: float) -> None:
+    k = max(1, round(frac * blocks * n * n))
+    ker = kern.lowfreq_kernel(blocks, n, k)
+    assert ker.size == k and np.all(np.diff(ker) > 0)
+    if k >= blocks:                                      # every block carries its DC coefficient first
+        assert set(range(0, blocks * n * n, n * n)) <= set(ker.tolist())
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_coef=st.integers(20, 3000), frac=st.floats(0.005, 0.5), tiers=st.integers(1, 4), seed=st.integers(0, 2**31))
+def test_local_kernel_carries_the_top_positions(n_coef: int, frac: float, tiers: int, seed: int) -> None:
+    energy = np.random.default_rng(seed).permutation(n_coef).astype(np.float32)   # distinct energies
+    k = max(1, round(frac * n_coef))
+    read = kern.read_local_kernel(kern.local_kernel(energy, k, tiers, np), n_coef)
+    assert len(read) == tiers
+    assert sorted(np.concatenate(read).tolist()) == sorted(np.argsort(-energy)[:k].tolist())
+    if tiers > 1 and read[1].size:                       # strongest tier first
+        assert energy[read[0]].min() > energy[read[1]].max()
+
+
+def _locals(workers: int, n_coef: int, k: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [kern.local_kernel(rng.random(n_coef).astype(np.float32) ** 4, k, 2, np) for _ in range(workers)]
+
+
+@settings(max_examples=20, deadline=None)
+@given(workers=st.integers(1, 4), blocks=st.integers(1, 30), k_frac=st.floats(0.01, 0.3), seed=st.integers(0, 2**31))
+def test_merge_is_deterministic_and_order_independent(workers, blocks, k_frac, seed) -> None:
+    n = 4
+    k = max(1, round(k_frac * blocks * n * n))
+    local = _locals(workers, blocks * n * n, k, seed)
+    results = {tuple(kern.merge(list(p), blocks, n, k, version=3)) for p in itertools.permutations(local)}
+    assert len(results) == 1
+    merged = np.array(results.pop())
+    assert merged.size == k and np.all(np.diff(merged) > 0) and merged[-1] < blocks * n * n
+
+
+def test_merge_prefers_votes_and_fills_from_low_frequencies() -> None:
+    n_blocks, n, k = 4, 4, 6
+    energy = np.zeros(64, dtype=np.float32)
+    energy[[40, 41]] = [2.0, 1.0]
+    local = kern.local_kernel(energy, 2, 1, np)
+    merged = kern.merge([local, local], n_blocks, n, k, version=1)
+    assert {40, 41} <= set(merged.tolist())
+    assert set(merged.tolist()) - {40, 41} <= set(kern.lowfreq_order(n_blocks, n, k + 2).tolist())
+
+
+def test_global_payload_round_trip_and_checks() -> None:
+    ker = np.array([0, 5, 6, 300, 1023])
+    payload = kern.global_payload(7, ker)
+    assert payload.size < 4 * ker.size
+    version, back = kern.read_global_payload(payload, 1024, 5)
+    assert version == 7 and back.tolist() == ker.tolist()
+    with pytest.raises(HpcfedError, match="expects 4 below 1024"):
+        kern.read_global_payload(payload, 1024, 4)
+
+
+def test_kernel_payloads_are_compact() -> None:
+    """About one byte per index at 2 % density (a bitmap would take n/8, int32 indices 4 k)."""
+    n_coef, k = 151_296, 3026
+    payload = _locals(1, n_coef, k, 0)[0]
+    assert payload.size < 1.3 * k
