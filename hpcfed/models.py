@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,6 +38,31 @@ def _cnn(sample_shape: tuple[int, ...], hidden: int, num_classes: int) -> nn.Mod
         nn.Linear(64 * pooled, hidden), nn.ReLU(),
         nn.Linear(hidden, num_classes),
     )
+
+
+def save_model(path: str | Path, module: nn.Module, attrs: dict[str, str | int | float]) -> None:
+    """Parameters as HDF5 datasets named like ``state_dict`` keys under /params, plus attributes.
+
+    Readable without hpcfed: ``{k: f["params"][k][()] for k in f["params"]}``.
+    """
+    import h5py
+
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with h5py.File(temporary, "w") as file:
+        for name, tensor in module.state_dict().items():
+            file[f"params/{name}"] = tensor.detach().cpu().numpy()
+        file.attrs.update(attrs)
+    os.replace(temporary, path)
+
+
+def load_parameters(path: str | Path, module: nn.Module) -> None:
+    """Load parameters written by :func:`save_model` into a model of the same architecture."""
+    import h5py
+
+    with h5py.File(path, "r") as file:
+        state = {name: torch.from_numpy(file["params"][name][()]) for name in file["params"]}
+    module.load_state_dict(state)
 
 
 class FlatModel:

@@ -23,7 +23,7 @@ from mpi4py import MPI
 
 from hpcfed.coding import Assignment, make_assignment
 from hpcfed.config import CodingConfig, Config, load_config
-from hpcfed.data.datasets import Dataset, load_dataset, train_test_split
+from hpcfed.data.datasets import Dataset, carve, load_dataset, train_test_split
 from hpcfed.data.partition import PARAMS, partition
 from hpcfed.errors import HpcfedError
 from hpcfed.models import FlatModel, build_model
@@ -46,6 +46,8 @@ class Session:
     test: Dataset | None          # rank 0: the test set
     run_dir: Path | None          # rank 0 only
     log: logging.Logger
+    shared: Dataset | None = None  # rank 0, fedavg with server adjustment: the globally shared set
+    block_sizes: list[int] = field(default_factory=list)  # rank 0: samples per block
     started: float = field(default_factory=time.monotonic)
     bytes_data: int = 0           # start-up data hand-out, counted on rank 0
 
@@ -73,26 +75,25 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm)
     channel = Channel(comm)
     n_workers = comm.Get_size() - 1
 
-    def prepare() -> tuple[Dataset, list[Dataset], Assignment, Path]:
-        assignment = coding_assignment(cfg.coding, n_workers)
+    def prepare() -> tuple[Dataset, Dataset | None, list[Dataset], Assignment, Path]:
         full = load_dataset(cfg.data, cfg.seed)
         train, test = train_test_split(full, cfg.data.test_fraction, cfg.seed)
-        if len(train) < assignment.n_blocks:
-            raise HpcfedError(f"data: {len(train)} training samples cannot be cut into {assignment.n_blocks} "
-                              f"blocks for {n_workers} workers")
-        index = cut_blocks(cfg, train, assignment.n_blocks)
-        return test, [train.subset(i) for i in index], assignment, make_run_dir(cfg, config_path)
+        assignment, blocks, shared = data_layout(cfg, train, n_workers)
+        run_dir = make_run_dir(cfg, config_path)
+        write_splits(run_dir / "splits.h5", test, shared, blocks, assignment)
+        return test, shared, blocks, assignment, run_dir
 
     prepared = agree(comm, prepare)
     if prepared is not None:
-        test, blocks, assignment, run_dir = prepared
-        log.info("run directory %s; %d training samples in %d blocks over %d workers (%s), %d test samples",
-                 run_dir, sum(len(b) for b in blocks), len(blocks), n_workers, describe(cfg, assignment), len(test))
+        test, shared_set, blocks, assignment, run_dir = prepared
+        log.info("run directory %s; %d training samples in %d blocks over %d workers (%s), %d test samples%s",
+                 run_dir, sum(len(b) for b in blocks), len(blocks), n_workers, describe(cfg, assignment), len(test),
+                 f", {len(shared_set)} shared samples at rank 0" if shared_set else "")
         print(cfg.to_yaml(), flush=True)
-        shared = (test.sample_shape, test.num_classes, assignment)
+        common = (test.sample_shape, test.num_classes, assignment)
     else:
-        test, run_dir, shared = None, None, None
-    sample_shape, num_classes, assignment = comm.bcast(shared, root=SERVER)
+        test, shared_set, blocks, run_dir, common = None, None, [], None, None
+    sample_shape, num_classes, assignment = comm.bcast(common, root=SERVER)
 
     bytes_data, mine = 0, {}
     if channel.rank == SERVER:
@@ -106,7 +107,42 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm)
     model = FlatModel(build_model(cfg.model, sample_shape, num_classes, cfg.seed))
     comm.Bcast(model.params.numpy(), root=SERVER)
     return Session(cfg, channel, model, make_optimizer(cfg.train, model), assignment, mine, test, run_dir, log,
-                   bytes_data=bytes_data)
+                   shared=shared_set, block_sizes=[len(b) for b in blocks], bytes_data=bytes_data)
+
+
+def data_layout(cfg: Config, train: Dataset, n_workers: int) -> tuple[Assignment, list[Dataset], Dataset | None]:
+    """Cut the training set into data blocks and say who holds which.
+
+    ``sync``: blocks by the coding assignment (one per worker, or coded copies).
+    ``fedavg``: blocks are clients, spread round-robin over the worker ranks; with server
+    adjustment, a shared set is carved off first and stays on rank 0 only.
+    """
+    shared = None
+    if cfg.algorithm == "fedavg":
+        if cfg.federated.server_adjust.enabled:
+            shared, train = carve(train, cfg.federated.server_adjust.shared_fraction, cfg.seed, "shared-set")
+        clients = cfg.federated.clients
+        assignment = Assignment(n_workers, n_workers, "clients", tuple((c % n_workers,) for c in range(clients)))
+    else:
+        assignment = coding_assignment(cfg.coding, n_workers)
+    if len(train) < assignment.n_blocks:
+        raise HpcfedError(f"data: {len(train)} training samples cannot be cut into {assignment.n_blocks} "
+                          f"blocks for {n_workers} workers")
+    return assignment, [train.subset(i) for i in cut_blocks(cfg, train, assignment.n_blocks)], shared
+
+
+def write_splits(path: Path, test: Dataset, shared: Dataset | None, blocks: list[Dataset],
+                 assignment: Assignment) -> None:
+    """Which source rows went where (test, shared, each block) and who holds each block, for audits."""
+    import h5py
+
+    with h5py.File(path, "w") as file:
+        file["test"] = test.ids
+        if shared is not None:
+            file["shared"] = shared.ids
+        for b, block in enumerate(blocks):
+            file[f"blocks/{b}"] = block.ids
+            file[f"blocks/{b}"].attrs["holders"] = np.asarray(assignment.holders_of(b)) + 1  # ranks
 
 
 def cut_blocks(cfg: Config, train: Dataset, n_blocks: int) -> list[np.ndarray]:

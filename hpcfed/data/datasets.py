@@ -17,11 +17,12 @@ from hpcfed.seeding import rng
 
 @dataclass(frozen=True)
 class Dataset:
-    """Samples (float32, shape (N, C, ...)) and integer labels (int64, shape (N,))."""
+    """Samples (float32, shape (N, C, ...)), integer labels (int64, (N,)) and their row ids in the source."""
 
     x: np.ndarray
     y: np.ndarray
     num_classes: int
+    ids: np.ndarray | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -31,7 +32,8 @@ class Dataset:
         return len(self.y)
 
     def subset(self, index: np.ndarray) -> "Dataset":
-        return Dataset(self.x[index], self.y[index], self.num_classes)
+        ids = None if self.ids is None else self.ids[index]
+        return Dataset(self.x[index], self.y[index], self.num_classes, ids)
 
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
@@ -42,7 +44,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     if x.ndim == 2:  # feature vectors become one-channel signals, so conv models take them too
         x = x[:, None, :]
     y = np.ascontiguousarray(y, dtype=np.int64)
-    return Dataset(x, y, int(y.max()) + 1)
+    return Dataset(x, y, int(y.max()) + 1, np.arange(len(y)))
 
 
 def train_test_split(data: Dataset, test_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -50,6 +52,13 @@ def train_test_split(data: Dataset, test_fraction: float, seed: int) -> tuple[Da
     order = rng(seed, "split").permutation(len(data))
     n_test = max(1, int(round(test_fraction * len(data))))
     return data.subset(np.sort(order[n_test:])), data.subset(np.sort(order[:n_test]))
+
+
+def carve(data: Dataset, fraction: float, seed: int, purpose: str) -> tuple[Dataset, Dataset]:
+    """Split off a seeded random ``fraction`` (at least one sample): returns (carved, rest)."""
+    order = rng(seed, purpose).permutation(len(data))
+    n = max(1, int(round(fraction * len(data))))
+    return data.subset(np.sort(order[:n])), data.subset(np.sort(order[n:]))
 
 
 def _digits(cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:

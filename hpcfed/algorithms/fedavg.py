@@ -1,0 +1,173 @@
+"""Algorithm ``fedavg``: federated rounds with server-side adjustment on a shared dataset.
+
+Each round rank 0 samples a fraction of the N simulated clients (spread round-robin over
+the worker ranks), sends the global model to the ranks hosting them, and each client trains
+locally for ``local_steps`` steps from it and uploads its delta. Rank 0 aggregates the deltas
+(weighted by sample count or uniformly) and then ADJUSTS the aggregate by training it on a
+small globally shared dataset that only rank 0 holds (optionally with a proximal pull to the
+aggregate and early stopping on a held-out slice). The adjusted model is the next global model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hpcfed.coding import block_batch
+from hpcfed.config import ServerAdjustConfig
+from hpcfed.data.datasets import Dataset, carve
+from hpcfed.models import FlatModel, save_model
+from hpcfed.optim import make_optimizer, state_tensors
+from hpcfed.runtime.comm import SERVER, Frame, Kind, Tag
+from hpcfed.runtime.log import Progress
+from hpcfed.seeding import rng
+from hpcfed.session import Session, finish
+
+
+def run(session: Session) -> dict | None:
+    return server(session) if session.is_server else worker(session)
+
+
+def host_of(client: int, n_workers: int) -> int:
+    """The worker rank that simulates ``client``."""
+    return 1 + client % n_workers
+
+
+def sample_clients(seed: int, round_: int, clients: int, fraction: float) -> np.ndarray:
+    """The round's clients: a seeded choice without replacement, sorted."""
+    count = max(1, int(round(fraction * clients)))
+    return np.sort(rng(seed, "clients", round_).choice(clients, size=count, replace=False))
+
+
+def server(session: Session) -> dict:
+    cfg, fed, model, channel = session.cfg, session.cfg.federated, session.model, session.channel
+    plan = Frame(8 * fed.clients)
+    outbox = Frame(4 * model.size)
+    inbox = [Frame(4 * model.size) for _ in range(fed.clients)]
+    x_test, y_test = torch.from_numpy(session.test.x), torch.from_numpy(session.test.y)
+    progress = Progress(fed.rounds, unit="round")
+    rounds: list[dict] = []
+    start = time.monotonic()
+    for round_ in range(1, fed.rounds + 1):
+        chosen = sample_clients(cfg.seed, round_, fed.clients, fed.fraction)
+        plan.write(chosen.astype(np.int64), step=round_, kind=Kind.PLAN, sender=SERVER)
+        channel.bcast(plan, plan.buffer.size)   # fixed size: a collective needs the same count everywhere
+        nbytes = outbox.write(model.params.numpy(), step=round_, kind=Kind.MODEL, sender=SERVER)
+        hosts = sorted({host_of(c, session.n_workers) for c in chosen})
+        sends = [channel.isend(outbox, nbytes, rank) for rank in hosts]
+        receives = [channel.irecv(inbox[c], host_of(c, session.n_workers), Tag.UPLINK) for c in chosen]
+        MPI.Request.Waitall(sends + receives)
+        weights = np.array([session.block_sizes[c] if cfg.aggregation.weighting == "samples" else 1.0 for c in chosen])
+        weights = weights / weights.sum()
+        delta = np.zeros(model.size, dtype=np.float32)
+        for weight, c in zip(weights, chosen):   # client order: reproducible sums
+            delta += np.float32(weight) * inbox[c].payload(np.float32)
+        model.params.add_(torch.from_numpy(delta))
+        client_loss = float(np.mean([inbox[c].field("metric") for c in chosen]))
+        loss_before, acc_before = model.evaluate(x_test, y_test)
+        record = {"round": round_, "clients": chosen.tolist(), "client_loss": client_loss,
+                  "test_loss_before_adjust": loss_before, "accuracy_before_adjust": acc_before}
+        if session.shared is not None:
+            record.update(server_adjust(model, session.shared, fed.server_adjust, cfg.seed, round_))
+        loss, accuracy = model.evaluate(x_test, y_test) if session.shared is not None else (loss_before, acc_before)
+        record.update(test_loss=loss, accuracy=accuracy)
+        rounds.append(record)
+        progress.advance(accuracy=accuracy)
+        progress.report(round_, client_loss=client_loss, acc_aggregate=acc_before, accuracy=accuracy)
+    progress.close()
+    plan.write(np.zeros(0, np.int64), step=0, kind=Kind.PLAN, sender=SERVER)   # round 0: training is over
+    channel.bcast(plan, plan.buffer.size)
+    save_model(session.run_dir / "model.h5", model.module, {"config": cfg.to_yaml(), "rounds": fed.rounds})
+    train_time_s = time.monotonic() - start
+    return finish(session, {
+        "steps": fed.rounds,
+        "rounds": fed.rounds,
+        "final_accuracy": rounds[-1]["accuracy"],
+        "final_test_loss": rounds[-1]["test_loss"],
+        "train_time_s": train_time_s,
+        "dense_bytes_per_step": 4 * model.size,
+        "shared_samples": 0 if session.shared is None else len(session.shared),
+        "per_round": rounds,
+    })
+
+
+def worker(session: Session) -> None:
+    cfg, fed, model, channel = session.cfg, session.cfg.federated, session.model, session.channel
+    plan = Frame(8 * fed.clients)
+    global_model = Frame(4 * model.size)
+    outbox = Frame(4 * model.size)
+    kept: dict[int, list[torch.Tensor]] = {}
+    while True:
+        channel.bcast(plan, plan.buffer.size)
+        round_ = int(plan.field("step"))
+        if round_ == 0:
+            break
+        mine = [int(c) for c in plan.payload(np.int64) if host_of(int(c), session.n_workers) == session.rank]
+        if not mine:
+            continue
+        channel.recv(global_model, SERVER, Tag.DOWNLINK)
+        start = torch.from_numpy(global_model.payload(np.float32))
+        for client in mine:
+            loss = train_client(session, client, start, round_, kept)
+            delta = (model.params - start).numpy()
+            channel.send(outbox, outbox.write(delta, step=round_, kind=Kind.DELTA, sender=session.rank,
+                                              block=client, metric=loss), SERVER)
+    finish(session, {})
+
+
+def train_client(session: Session, client: int, start: torch.Tensor, round_: int,
+                 kept: dict[int, list[torch.Tensor]]) -> float:
+    """Local training of one client from the global parameters; returns its mean loss."""
+    cfg, model = session.cfg, session.model
+    data = session.blocks[client]
+    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    model.params.copy_(start)
+    optimizer = make_optimizer(cfg.train, model)
+    if cfg.federated.keep_optimizer_state and client in kept:
+        for tensor, saved in zip(state_tensors(optimizer), kept[client]):
+            tensor.copy_(saved)
+    losses = []
+    for local in range(cfg.federated.local_steps):
+        rows = torch.from_numpy(block_batch(len(y), cfg.train.batch_size, cfg.seed, client,
+                                            (round_ - 1) * cfg.federated.local_steps + local))
+        losses.append(model.backward(x[rows], y[rows]))
+        optimizer.step()
+    if cfg.federated.keep_optimizer_state:
+        kept[client] = [t.clone() for t in state_tensors(optimizer)]
+    return float(np.mean(losses))
+
+
+def server_adjust(model: FlatModel, shared: Dataset, cfg: ServerAdjustConfig, seed: int, round_: int) -> dict:
+    """Fine-tune the aggregate on the shared set (rank 0 only); it sees no client or test data.
+
+    The proximal term (mu/2)||w - w_aggregate||^2 keeps the small shared set from being
+    overfitted; with early stopping, the parameters of the step with the lowest loss on a
+    held-out slice of the shared set are kept (the aggregate itself is a candidate).
+    """
+    anchor = model.params.clone()
+    train, holdout = shared, None
+    if cfg.early_stop and len(shared) >= 2:
+        holdout, train = carve(shared, cfg.holdout_fraction, seed, "holdout")
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    optimizer = torch.optim.SGD(model.module.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    pick = rng(seed, "server-adjust", round_)
+    best_loss, best, best_step = float("inf"), anchor.clone(), 0
+    if holdout is not None:
+        best_loss = model.evaluate(torch.from_numpy(holdout.x), torch.from_numpy(holdout.y))[0]
+    losses = []
+    for step in range(1, cfg.steps + 1):
+        rows = torch.from_numpy(pick.choice(len(y), size=min(cfg.batch_size, len(y)), replace=False))
+        losses.append(model.backward(x[rows], y[rows]))
+        if cfg.prox > 0:
+            model.grads.add_(model.params - anchor, alpha=cfg.prox)
+        optimizer.step()
+        if holdout is not None:
+            loss = model.evaluate(torch.from_numpy(holdout.x), torch.from_numpy(holdout.y))[0]
+            if loss < best_loss:
+                best_loss, best, best_step = loss, model.params.clone(), step
+    if holdout is not None:
+        model.params.copy_(best)
+    return {"adjust_loss": float(np.mean(losses)), "adjust_steps_kept": best_step if holdout is not None else cfg.steps}
