@@ -11,16 +11,13 @@ import argparse
 import logging
 import os
 import platform
-import socket
 import sys
-import time
 import traceback
 
 from hpcfed import __version__
 from hpcfed.errors import HpcfedError
 
 EXIT_USAGE = 2
-SETTLE_S = 0.2  # extra margin for ranks on other hosts to exit before rank 0 exits with an error status
 DESCRIPTION = """Communication-efficient, straggler-tolerant distributed and federated learning over MPI.
 
 Launch the training job (rank 0 = server, ranks 1.. = workers):
@@ -40,10 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = commands.add_parser("run", help="train (rank 0 = server, ranks 1.. = workers)")
-    run.add_argument("config", nargs="?", help="YAML config (default: the built-in quickstart)")
+    run.add_argument("config", nargs="?", help="YAML config (default: the built-in quickstart; with --resume: "
+                                               "the run's own config.yaml)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, e.g. --set train.lr=0.1 (repeatable)")
+    run.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT",
+                     help="continue a run from its latest good checkpoint (or the given file)")
     run.set_defaults(handler=cmd_run)
+
+    align = commands.add_parser("align", help="private sample alignment for vertical FL (one party per rank)")
+    align.add_argument("config", help="YAML align config (see configs/align-example.yaml)")
+    align.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    align.set_defaults(handler=cmd_align)
+
+    report = commands.add_parser("report", help="summary table and plots of one or more run folders")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="folder for the PNG plots (default: RUN_DIR/report, or ./report for several)")
+    report.set_defaults(handler=cmd_report)
 
     info = commands.add_parser("info", help="versions, MPI library, world size, CUDA-aware decision")
     info.set_defaults(handler=cmd_info)
@@ -56,12 +66,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hpcfed.algorithms import fedavg, sync_ps
     from hpcfed.session import start_session
 
-    session = start_session(args.config, args.overrides, MPI.COMM_WORLD)
-    summary = {"sync": sync_ps, "fedavg": fedavg}[session.cfg.algorithm].run(session)
-    if summary is not None:
+    session = start_session(args.config, args.overrides, MPI.COMM_WORLD, resume=args.resume)
+    outcome = {"sync": sync_ps, "fedavg": fedavg}[session.cfg.algorithm].run(session)
+    if isinstance(outcome, dict):
         session.log.info("done: %d steps, test accuracy %.2f%%, %.1f s, %s/summary.json",
-                         summary["steps"], 100 * summary["final_accuracy"], summary["wall_time_s"], session.run_dir)
-    return 0
+                         outcome["steps"], 100 * outcome["final_accuracy"], outcome["wall_time_s"], session.run_dir)
+    return outcome if isinstance(outcome, int) else 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from mpi4py import MPI
+
+    from hpcfed.psi.align import main as align_main
+
+    return align_main(args.config, args.overrides, MPI.COMM_WORLD)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mpi4py import MPI
+
+    from hpcfed.analysis.report import main as report_main
+
+    return report_main(args.run_dirs, args.out) if MPI.COMM_WORLD.Get_rank() == 0 else 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -109,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging(comm.Get_rank())
     try:
         args = build_parser().parse_args(argv)
-        return args.handler(args)
+        status = args.handler(args)
     except HpcfedError as err:
         return _fail(err, comm, log)
     except SystemExit:  # --help / --version
@@ -119,42 +145,45 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         comm.Abort(1)
         raise
+    if status:   # every rank returns the same status here (e.g. EXIT_RESUMABLE after a stop signal)
+        _exit_everywhere(comm, status)
+    return status
 
 
-def _wait_until_gone(pids: list[int], limit_s: float = 30.0) -> None:
-    """Wait (bounded) until these local processes have exited (or are zombies awaiting their parent)."""
-    deadline = time.monotonic() + limit_s
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                with open(f"/proc/{pid}/stat") as stat:
-                    if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                        break
-            except OSError:
-                break
-            time.sleep(0.01)
-    time.sleep(SETTLE_S)
+def _exit_everywhere(comm, status: int) -> int:
+    """End every rank with ``status``; called by all ranks together, after the message was printed.
+
+    Under MPICH's mpiexec (hydra), a non-zero exit after MPI_Finalize races with the launcher, which
+    kills (signal 9, reported as status 9) ranks still exiting; there MPI_Abort from rank 0 alone gives
+    the status deterministically, with rank 0's output silenced first so MPI adds no lines. Other
+    launchers (srun, Open MPI's mpirun) report a plain exit status, while an abort would read as a
+    cancelled step, so there every rank finalizes and exits with the status.
+    """
+    from mpi4py import MPI
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if comm.Get_size() == 1 and "mpi4py.run" not in sys.modules:
+        return status
+    comm.Barrier()                       # everybody has flushed its output
+    if "HYDI_CONTROL_FD" not in os.environ:
+        MPI.Finalize()
+        os._exit(status)
+    if comm.Get_rank() == 0:
+        silent = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(silent, 1)
+        os.dup2(silent, 2)
+        comm.Abort(status)
+    comm.Barrier()                       # never completes: the abort ends this rank
+    return status
 
 
 def _fail(err: HpcfedError, comm, log: logging.Logger) -> int:
     """Print the error once and end every rank with status 2, without hanging or traceback spam."""
-    from mpi4py import MPI
-
     if err.everywhere:
-        root = comm.Get_rank() == 0
-        if root:
+        if comm.Get_rank() == 0:
             print(f"hpcfed: error: {err}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        if comm.Get_size() == 1 and "mpi4py.run" not in sys.modules:
-            return EXIT_USAGE
-        # A plain exit(2) under `python -m mpi4py` becomes MPI_Abort (extra lines), and MPICH's launcher
-        # kills (signal 9, reported as status 9) ranks still running when rank 0 exits with an error.
-        # So: all ranks finalize, the others exit at once, and rank 0 a moment later, when they are gone.
-        ranks = comm.gather((socket.gethostname(), os.getpid()), root=0)
-        MPI.Finalize()
-        if root:
-            _wait_until_gone([pid for host, pid in ranks[1:] if host == socket.gethostname()])
-        os._exit(EXIT_USAGE)
+        return _exit_everywhere(comm, EXIT_USAGE)
     log.error("hpcfed: error: %s", err)
     sys.stdout.flush()
     sys.stderr.flush()

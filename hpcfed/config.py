@@ -110,6 +110,12 @@ class AggregationConfig(Section):
     weighting: Literal["uniform", "samples"] = "samples"
 
 
+class CheckpointConfig(Section):
+    every: int = Field(50, ge=0, description="steps (sync) or rounds (fedavg) between checkpoints; 0 = only at "
+                                              "the end and on a stop signal")
+    keep: int = Field(3, ge=1, description="newest checkpoints kept")
+
+
 class OutputConfig(Section):
     dir: str | None = None
 
@@ -127,6 +133,7 @@ class Config(Section):
     federated: FederatedConfig = FederatedConfig()
     aggregation: AggregationConfig = AggregationConfig()
     faults: FaultsConfig = FaultsConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     output: OutputConfig = OutputConfig()
 
     def to_yaml(self) -> str:

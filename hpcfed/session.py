@@ -48,6 +48,7 @@ class Session:
     log: logging.Logger
     shared: Dataset | None = None  # rank 0, fedavg with server adjustment: the globally shared set
     block_sizes: list[int] = field(default_factory=list)  # rank 0: samples per block
+    checkpoint: Path | None = None  # the checkpoint this run resumes from (known on every rank)
     started: float = field(default_factory=time.monotonic)
     bytes_data: int = 0           # start-up data hand-out, counted on rank 0
 
@@ -64,13 +65,34 @@ class Session:
         return self.rank == SERVER
 
 
-def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm) -> Session:
-    """Run the start-up sequence on every rank; bad input ends all ranks with one line."""
+def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm,
+                  resume: str | None = None) -> Session:
+    """Run the start-up sequence on every rank; bad input ends all ranks with one line.
+
+    With ``resume`` (a run folder or checkpoint file) the config defaults to the run's own
+    ``config.yaml``, the output goes to that run folder, and the checkpoint must be compatible.
+    """
     log = logging.getLogger("hpcfed")
     if comm.Get_size() < 2:
         raise HpcfedError(f"hpcfed run needs at least 2 MPI ranks (rank 0 is the server, ranks 1.. are "
                           f"workers); launch it as: {LAUNCH_HINT}", everywhere=True)
-    cfg: Config = comm.bcast(agree(comm, lambda: load_config(config_path, overrides)), root=SERVER)
+
+    def configure() -> tuple[Config, Path | None]:
+        if resume is None:
+            return load_config(config_path, overrides), None
+        from hpcfed import checkpointing
+        from hpcfed.io.checkpoint import read_checkpoint
+
+        run_dir, checkpoint, warnings = checkpointing.locate(resume)
+        for warning in warnings:
+            log.warning("warning: %s", warning)
+        cfg = load_config(config_path or str(run_dir / "config.yaml"), [*overrides, f"output.dir={run_dir}"])
+        _, attrs = read_checkpoint(checkpoint)
+        checkpointing.check_compatible(str(attrs["config"]), cfg, comm.Get_size(), int(attrs["world_size"]))
+        log.info("resuming %s from %s", run_dir, checkpoint.name)
+        return cfg, checkpoint
+
+    cfg, checkpoint = comm.bcast(agree(comm, configure), root=SERVER)
     torch.set_num_threads(cfg.train.threads)
     channel = Channel(comm)
     n_workers = comm.Get_size() - 1
@@ -79,7 +101,7 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm)
         full = load_dataset(cfg.data, cfg.seed)
         train, test = train_test_split(full, cfg.data.test_fraction, cfg.seed)
         assignment, blocks, shared = data_layout(cfg, train, n_workers)
-        run_dir = make_run_dir(cfg, config_path)
+        run_dir = make_run_dir(cfg, config_path, resuming=checkpoint is not None)
         write_splits(run_dir / "splits.h5", test, shared, blocks, assignment)
         return test, shared, blocks, assignment, run_dir
 
@@ -107,7 +129,8 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm)
     model = FlatModel(build_model(cfg.model, sample_shape, num_classes, cfg.seed))
     comm.Bcast(model.params.numpy(), root=SERVER)
     return Session(cfg, channel, model, make_optimizer(cfg.train, model), assignment, mine, test, run_dir, log,
-                   shared=shared_set, block_sizes=[len(b) for b in blocks], bytes_data=bytes_data)
+                   shared=shared_set, block_sizes=[len(b) for b in blocks], bytes_data=bytes_data,
+                   checkpoint=checkpoint)
 
 
 def data_layout(cfg: Config, train: Dataset, n_workers: int) -> tuple[Assignment, list[Dataset], Dataset | None]:
@@ -169,14 +192,15 @@ def describe(cfg: Config, assignment: Assignment) -> str:
     return f"uncoded, {cfg.coding.mode}"
 
 
-def make_run_dir(cfg: Config, config_path: str | None) -> Path:
-    """``output.dir``, or ``runs/<config name>-<timestamp>``; refuses a directory holding a finished run."""
+def make_run_dir(cfg: Config, config_path: str | None, resuming: bool = False) -> Path:
+    """``output.dir``, or ``runs/<config name>-<timestamp>``; refuses a folder holding a finished run
+    unless the run resumes there."""
     if cfg.output.dir:
         run_dir = Path(cfg.output.dir)
     else:
         name = Path(config_path).stem if config_path else "quickstart"
         run_dir = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (run_dir / "summary.json").exists():
+    if (run_dir / "summary.json").exists() and not resuming:
         raise HpcfedError(f"output.dir: '{run_dir}' already holds a finished run; choose a new directory")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,15 @@ from hpcfed.config import ServerAdjustConfig
 from hpcfed.data.datasets import Dataset, carve
 from hpcfed.models import FlatModel, save_model
 from hpcfed.optim import make_optimizer, state_tensors
-from hpcfed.runtime.comm import SERVER, Frame, Kind, Tag
+from hpcfed.runtime.comm import HEADER, SERVER, Frame, Kind, Tag
 from hpcfed.runtime.log import Progress
 from hpcfed.seeding import rng
 from hpcfed.session import Session, finish
+from hpcfed.tracing import open_trace
+
+STEP_COLUMNS = ["step", "loss", "accuracy", "accuracy_before_adjust", "test_loss", "bytes_up", "bytes_down",
+                "wall_s", "t_clients", "t_adjust"]
+WORKER_COLUMNS = ["bytes", "used", "weight"]
 
 
 def run(session: Session) -> dict | None:
@@ -48,10 +53,12 @@ def server(session: Session) -> dict:
     outbox = Frame(4 * model.size)
     inbox = [Frame(4 * model.size) for _ in range(fed.clients)]
     x_test, y_test = torch.from_numpy(session.test.x), torch.from_numpy(session.test.y)
+    trace = open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, None)
     progress = Progress(fed.rounds, unit="round")
     rounds: list[dict] = []
     start = time.monotonic()
     for round_ in range(1, fed.rounds + 1):
+        round_start, sent_before = time.monotonic(), channel.bytes_sent
         chosen = sample_clients(cfg.seed, round_, fed.clients, fed.fraction)
         plan.write(chosen.astype(np.int64), step=round_, kind=Kind.PLAN, sender=SERVER)
         channel.bcast(plan, plan.buffer.size)   # fixed size: a collective needs the same count everywhere
@@ -70,14 +77,27 @@ def server(session: Session) -> dict:
         loss_before, acc_before = model.evaluate(x_test, y_test)
         record = {"round": round_, "clients": chosen.tolist(), "client_loss": client_loss,
                   "test_loss_before_adjust": loss_before, "accuracy_before_adjust": acc_before}
+        t_clients, clock = time.monotonic() - round_start, time.monotonic()
         if session.shared is not None:
             record.update(server_adjust(model, session.shared, fed.server_adjust, cfg.seed, round_))
         loss, accuracy = model.evaluate(x_test, y_test) if session.shared is not None else (loss_before, acc_before)
         record.update(test_loss=loss, accuracy=accuracy)
         rounds.append(record)
+        received, used = np.zeros(session.n_workers), np.zeros(session.n_workers)
+        share = np.zeros(session.n_workers)
+        for weight, c in zip(weights, chosen):
+            host = host_of(c, session.n_workers) - 1
+            received[host] += inbox[c].field("length") + HEADER.itemsize
+            used[host], share[host] = 1, share[host] + weight
+        trace.append_step({"step": round_, "loss": client_loss, "accuracy": accuracy, "accuracy_before_adjust":
+                           acc_before, "test_loss": loss, "bytes_up": received.sum(),
+                           "bytes_down": channel.bytes_sent - sent_before, "wall_s": time.monotonic() - session.started,
+                           "t_clients": t_clients, "t_adjust": time.monotonic() - clock},
+                          {"bytes": received, "used": used.astype(np.int8), "weight": share})
         progress.advance(accuracy=accuracy)
         progress.report(round_, client_loss=client_loss, acc_aggregate=acc_before, accuracy=accuracy)
     progress.close()
+    trace.close()
     plan.write(np.zeros(0, np.int64), step=0, kind=Kind.PLAN, sender=SERVER)   # round 0: training is over
     channel.bcast(plan, plan.buffer.size)
     save_model(session.run_dir / "model.h5", model.module, {"config": cfg.to_yaml(), "rounds": fed.rounds})
@@ -100,6 +120,7 @@ def worker(session: Session) -> None:
     global_model = Frame(4 * model.size)
     outbox = Frame(4 * model.size)
     kept: dict[int, list[torch.Tensor]] = {}
+    open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, None)
     while True:
         channel.bcast(plan, plan.buffer.size)
         round_ = int(plan.field("step"))

@@ -1,9 +1,9 @@
-"""Algorithm ``sync``: parameter-server data-parallel SGD, optionally straggler-tolerant.
+"""Algorithm ``sync``: parameter-server data-parallel SGD, optionally compressed and straggler-tolerant.
 
-Each step every worker sends one gradient per data block it holds; rank 0 aggregates
-as soon as its completion rule is met, sends the aggregate to the workers that took
-part, and every rank applies the same bytes with the same optimizer, so all replicas
-stay bit-identical. Completion rules (``coding``):
+Each step every worker sends one codec packet per data block it holds; rank 0 decodes and
+aggregates as soon as its completion rule is met, encodes the aggregate once, sends it to
+the workers that took part, and every rank decodes the same bytes and applies them with the
+same optimizer, so all replicas stay bit-identical. Completion rules (``coding``):
 
 - ``wait-all`` (``coding.enabled: false``): every worker's block; the classic parameter server.
 - ``drop-stragglers``: the first k workers' blocks (what FL frameworks do; biased on non-IID data).
@@ -11,32 +11,42 @@ stay bit-identical. Completion rules (``coding``):
   the gradient is exact however the stragglers fall.
 
 A worker that misses a step (its message arrives after the step closed) is answered with a
-RESYNC frame (parameters + optimizer state) and rejoins at the current step; each worker has
-at most one message from rank 0 outstanding, so a straggler never builds up a backlog.
+RESYNC frame (parameters + optimizer state + kernel) and rejoins at the current step; each
+worker has at most one message from rank 0 outstanding, so a straggler builds no backlog.
+Kernel refreshes ride along: local kernels with the packets of the step before, the merged
+kernel with that step's update. Checkpoints and stops are flagged in the update's header;
+rank 0 first brings every worker to the same step, then all ranks write the checkpoint together.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from hpcfed import checkpointing
+from hpcfed.checkpointing import LocalState
 from hpcfed.codec.codec import GradientCodec
 from hpcfed.coding import CompletionTracker, block_batch, combine_block_gradients
 from hpcfed.errors import HpcfedError
 from hpcfed.optim import export_state, import_state, state_size
-from hpcfed.runtime.comm import HEADER, SERVER, Frame, Kind, Tag
+from hpcfed.runtime.comm import HEADER, SERVER, Flag, Frame, Kind, Tag
 from hpcfed.runtime.inbox import Inbox
 from hpcfed.runtime.log import Progress
+from hpcfed.runtime.stop import EXIT_RESUMABLE, StopRequest
 from hpcfed.seeding import rng
 from hpcfed.session import Session, finish
+from hpcfed.tracing import open_trace
+
+STEP_COLUMNS = ["step", "loss", "accuracy", "test_loss", "bytes_up", "bytes_down", "wall_s", "t_wait", "t_decode",
+                "t_aggregate", "t_encode", "t_apply", "t_eval", "kernel_version"]
+WORKER_COLUMNS = ["bytes", "arrival_s", "used", "weight"]
 
 
-def run(session: Session) -> dict | None:
-    """Train for ``train.steps`` steps; rank 0 returns the summary."""
+def run(session: Session) -> dict | int | None:
+    """Train until ``train.steps``; rank 0 returns the summary. EXIT_RESUMABLE after a stop signal."""
     return server(session) if session.is_server else worker(session)
 
 
@@ -48,6 +58,11 @@ def block_batch_size(session: Session) -> int:
 def make_codec(session: Session) -> GradientCodec:
     """This rank's codec (raw fp32 packets when compression is off)."""
     return GradientCodec(session.model.size, session.cfg.compression, seed=session.cfg.seed, rank=session.rank)
+
+
+def checkpoint_due(session: Session, step: int) -> bool:
+    every = session.cfg.checkpoint.every
+    return step == session.cfg.train.steps or (every > 0 and step % every == 0)
 
 
 def apply_update(session: Session, codec: GradientCodec, update: Frame) -> None:
@@ -62,14 +77,23 @@ def apply_update(session: Session, codec: GradientCodec, update: Frame) -> None:
         codec.install_kernel(payload[size:])
 
 
-@dataclass
-class StepLog:
-    """Per-step record of who arrived when, who was used, and how long rank 0 waited."""
+def local_state(session: Session, codec: GradientCodec, straggler: "Straggler | None") -> LocalState:
+    """What this rank alone knows: codec state, fault RNG, bytes sent so far."""
+    state = codec.state_dict()
+    arrays = {f"codec/{k}": np.asarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
+    values = {f"codec/{k}": v for k, v in state.items() if not isinstance(v, np.ndarray)}
+    values["bytes_sent"] = session.channel.bytes_sent
+    if straggler is not None:
+        values["straggler_rng"] = straggler.rng.bit_generator.state
+    return LocalState(arrays, values)
 
-    wait_s: list[float] = field(default_factory=list)
-    used: list[list[int]] = field(default_factory=list)
-    arrival_s: list[list[float]] = field(default_factory=list)
-    resyncs: int = 0
+
+def load_local_state(session: Session, codec: GradientCodec, straggler: "Straggler | None", local: LocalState) -> None:
+    state = {k.removeprefix("codec/"): v for k, v in {**local.arrays, **local.values}.items() if k.startswith("codec/")}
+    codec.load_state_dict(state)
+    session.channel.bytes_sent = int(local.values["bytes_sent"])
+    if straggler is not None:
+        straggler.rng.bit_generator.state = local.values["straggler_rng"]
 
 
 class Server:
@@ -88,7 +112,6 @@ class Server:
         self.inbox = Inbox(self.channel, range(1, workers + 1), per_worker, capacity, Tag.UPLINK)
         self.block_grads = {b: np.zeros(session.model.size, np.float32) for b in range(session.assignment.n_blocks)}
         self.local_kernels: dict[int, np.ndarray] = {}
-        self.kernel_bytes = 0
         self.update = Frame(capacity)
         self.update_sends: list[MPI.Request] = []
         state_bytes = 4 * (session.model.size + state_size(session.optimizer)) + self.codec.max_kernel_nbytes()
@@ -97,53 +120,97 @@ class Server:
         self.answered = np.zeros(workers + 1, dtype=np.int64)   # last worker-step answered, by rank
         self.synced_to = np.zeros(workers + 1, dtype=np.int64)  # step each worker's state reaches once answered
         self.completed = 0                                       # last step applied on rank 0
-        self.log = StepLog()
+        self.flags = 0                                           # flags of the latest update
+        self.stop = StopRequest()
+        self.stop_from = ""                                      # who asked to stop
+        self.events: list[tuple[int, str, str]] = []
+        self.resyncs = 0
+        self.kernel_bytes = 0
+        self.wait_total = 0.0
+        self.used_steps = np.zeros(workers)                     # steps in which each worker's blocks were used
+        self.step_bytes = np.zeros(workers)
+
+    def start_at(self, step: int) -> None:
+        """Resume: every worker's state is at ``step``."""
+        self.answered[:] = self.synced_to[:] = self.completed = step
 
     def complete(self) -> bool:
         if self.mode == "drop-stragglers":
             return len(self.tracker.chosen()) >= min(self.wait_for, self.session.n_workers)
         return self.tracker.complete()
 
-    def run_step(self, step: int) -> float:
-        """Collect, aggregate and answer one step; returns the mean training loss of the used blocks."""
+    def run_step(self, step: int) -> tuple[dict, dict]:
+        """Collect, aggregate and answer one step; returns its trace row and per-worker columns."""
         start = time.monotonic()
+        sent_before = self.channel.bytes_sent
         self.tracker.reset(step)
+        self.step_bytes[:] = 0
         held: dict[int, int] = {}
         arrival = np.full(self.session.n_workers, np.nan)
         while not self.complete():
             self._take(self.inbox.wait(), step, start, held, arrival)
-        self.log.wait_s.append(time.monotonic() - start)
+        t_wait = time.monotonic() - start
         for index in self.inbox.ready():   # take whatever else has already arrived
             self._take(index, step, start, held, arrival)
         codec, size = self.codec, self.codec.payload_nbytes(step)
+        clock = time.monotonic()
         frames = {block: self.inbox.frames[index] for block, index in held.items()}
         grads = {block: codec.decode(frame.payload()[:size], step, out=self.block_grads[block])
                  for block, frame in frames.items()}
+        t_decode, clock = time.monotonic() - clock, time.monotonic()
         aggregate = combine_block_gradients(grads, {b: block_batch_size(self.session) for b in grads})
         loss = float(np.mean([frame.field("metric") for frame in frames.values()]))
         for index in held.values():
             self.inbox.repost(index)
+        t_aggregate, clock = time.monotonic() - clock, time.monotonic()
         packet = codec.encode(aggregate, step)
-        kernel = codec.merge_kernels(list(self.local_kernels.values())) if codec.kernel_due(step + 1) else packet[:0]
+        kernel = packet[:0]
+        if codec.kernel_due(step + 1):
+            kernel = codec.merge_kernels(list(self.local_kernels.values()))
+            self.events.append((step, "kernel", f"version {codec.version + 1} from {len(self.local_kernels)} workers"))
         self.local_kernels.clear()
-        self.kernel_bytes += kernel.size * self.session.n_workers
+        t_encode, clock = time.monotonic() - clock, time.monotonic()
+        self.flags = self._flags(step)
         MPI.Request.Waitall(self.update_sends)
         nbytes = self.update.write([packet, kernel], step=step, kind=Kind.UPDATE, sender=SERVER,
-                                   version=codec.version)
+                                   version=codec.version, flags=self.flags)
         arrived = [w for w in range(1, self.session.n_workers + 1) if not np.isnan(arrival[w - 1])]
         self.update_sends = [self.channel.isend(self.update, nbytes, w) for w in arrived]
+        self.kernel_bytes += kernel.size * len(arrived)
         self.answered[arrived] = step
         self.synced_to[arrived] = step
         apply_update(self.session, codec, self.update)
         self.completed = step
-        self.log.used.append(sorted({w + 1 for w in self.tracker.chosen().values()}))
-        self.log.arrival_s.append(arrival.tolist())
-        return loss
+        used_blocks = np.zeros(self.session.n_workers)
+        for worker in self.tracker.chosen().values():
+            used_blocks[worker] += 1
+        self.used_steps += used_blocks > 0
+        self.wait_total += t_wait
+        row = {"step": step, "loss": loss, "bytes_up": self.step_bytes.sum(),
+               "bytes_down": self.channel.bytes_sent - sent_before, "t_wait": t_wait, "t_decode": t_decode,
+               "t_aggregate": t_aggregate, "t_encode": t_encode, "t_apply": time.monotonic() - clock,
+               "kernel_version": codec.version}
+        workers = {"bytes": self.step_bytes.copy(), "arrival_s": arrival, "used": (used_blocks > 0).astype(np.int8),
+                   "weight": used_blocks / max(1, used_blocks.sum())}
+        return row, workers
+
+    def _flags(self, step: int) -> int:
+        flags = 0
+        if self.stop.requested and not self.stop_from:
+            self.stop_from = f"rank 0 ({self.stop.signal_name})"
+        if self.stop_from:
+            flags |= Flag.STOP | Flag.CHECKPOINT
+        if checkpoint_due(self.session, step):
+            flags |= Flag.CHECKPOINT
+        return flags
 
     def _take(self, index: int, step: int, start: float, held: dict[int, int], arrival: np.ndarray) -> None:
         """Handle one received frame: use it for this step, drop it, or answer a late worker."""
         frame = self.inbox.frames[index]
         sender, sent_step, block = frame.field("sender"), frame.field("step"), frame.field("block")
+        self.step_bytes[sender - 1] += HEADER.itemsize + frame.field("length")
+        if frame.field("flags") & Flag.STOP and not self.stop_from:
+            self.stop_from = f"rank {sender}"
         if sent_step == step:
             if frame.field("version") != self.codec.version:
                 raise RuntimeError(f"rank {sender} encoded step {step} with kernel version "
@@ -162,77 +229,108 @@ class Server:
         self.inbox.repost(index)
 
     def _resync(self, worker: int, worker_step: int) -> None:
-        """Send a late worker the current state so it rejoins at step ``completed + 1``."""
+        """Send a late worker the current state (and the latest flags) so it rejoins at ``completed + 1``."""
         pending = self.resync_sends.get(worker)
         if pending is not None:
             pending.Wait()
         frame = self.resync[worker]
         state = export_state(self.session.model, self.session.optimizer).numpy()
         nbytes = frame.write([state, self.codec.kernel_payload()], step=self.completed, kind=Kind.RESYNC,
-                             sender=SERVER, version=self.codec.version)
+                             sender=SERVER, version=self.codec.version, flags=self.flags)
         self.resync_sends[worker] = self.channel.isend(frame, nbytes, worker)
         self.answered[worker] = worker_step
         self.synced_to[worker] = self.completed
-        self.log.resyncs += 1
+        self.resyncs += 1
+        self.events.append((self.completed, "straggler", f"rank {worker} missed step {worker_step}; resynced"))
 
-    def finish_workers(self, last_step: int) -> None:
-        """After the last step: bring every worker to the final state, then release all buffers."""
-        while (self.synced_to[1:] < last_step).any():
-            self._take(self.inbox.wait(), last_step + 1, time.monotonic(), {}, np.full(self.session.n_workers, np.nan))
+    def bring_all_to(self, step: int) -> None:
+        """Wait until every worker has been answered up to ``step`` (late ones by resync)."""
+        while (self.synced_to[1:] < step).any():
+            self._take(self.inbox.wait(), step + 1, time.monotonic(), {}, np.full(self.session.n_workers, np.nan))
+
+    def close(self) -> None:
         MPI.Request.Waitall(self.update_sends + list(self.resync_sends.values()))
         self.inbox.close()
 
 
-def server(session: Session) -> dict:
+def server(session: Session) -> dict | int:
     cfg, model = session.cfg, session.model
     state = Server(session)
+    first = 0
+    if session.checkpoint is not None:
+        first, local = checkpointing.restore(session, session.checkpoint)
+        load_local_state(session, state.codec, None, local)
+        state.start_at(first)
+    trace = open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, first if session.checkpoint else None)
     x_test, y_test = torch.from_numpy(session.test.x), torch.from_numpy(session.test.y)
-    progress = Progress(cfg.train.steps)
-    history: list[dict] = []
+    progress = Progress(cfg.train.steps, initial=first)
+    last_eval: dict = {}
     loop_start = time.monotonic()
-    for step in range(1, cfg.train.steps + 1):
-        train_loss = state.run_step(step)
-        progress.advance(loss=train_loss)
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            test_loss, accuracy = model.evaluate(x_test, y_test)
-            history.append({"step": step, "train_loss": train_loss, "test_loss": test_loss, "accuracy": accuracy})
-            progress.report(step, loss=train_loss, test_loss=test_loss, accuracy=accuracy)
+    try:
+        for step in range(first + 1, cfg.train.steps + 1):
+            row, workers = state.run_step(step)
+            clock = time.monotonic()
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps or state.flags & Flag.STOP:
+                test_loss, accuracy = model.evaluate(x_test, y_test)
+                last_eval = {"step": step, "accuracy": accuracy, "test_loss": test_loss, "train_loss": row["loss"]}
+                progress.report(step, loss=row["loss"], test_loss=test_loss, accuracy=accuracy)
+                row.update(accuracy=accuracy, test_loss=test_loss)
+            row.update(t_eval=time.monotonic() - clock, wall_s=time.monotonic() - session.started)
+            progress.advance(loss=row["loss"])
+            if state.flags & Flag.CHECKPOINT:
+                state.bring_all_to(step)
+                path = checkpointing.save(session, step, local_state(session, state.codec, None))
+                state.events.append((step, "checkpoint", path.name))
+            trace.append_step(row, workers)
+            for event in state.events:
+                trace.event(*event)
+            state.events.clear()
+            if state.flags & Flag.STOP:
+                trace.event(step, "stop", f"signal on {state.stop_from}; resume with --resume {session.run_dir}")
+                session.log.warning("stopped at step %d (signal on %s); checkpoint written; resume with: "
+                                    "hpcfed run --resume %s", step, state.stop_from, session.run_dir)
+                state.close()
+                return EXIT_RESUMABLE
+        state.close()
+    finally:
+        trace.close()
+        progress.close()
     train_time_s = time.monotonic() - loop_start
-    state.finish_workers(cfg.train.steps)
-    progress.close()
-    last, log = history[-1], state.log
-    used = np.zeros(session.n_workers)
-    for ranks in log.used:
-        used[np.asarray(ranks, dtype=int) - 1] += 1
+    steps_run = cfg.train.steps - first
     return finish(session, {
         "steps": cfg.train.steps,
-        "final_accuracy": last["accuracy"],
-        "final_test_loss": last["test_loss"],
-        "final_train_loss": last["train_loss"],
+        "final_accuracy": last_eval["accuracy"],
+        "final_test_loss": last_eval["test_loss"],
+        "final_train_loss": last_eval["train_loss"],
         "mode": state.mode,
+        "compression": cfg.compression.enabled,
         "dense_bytes_per_step": HEADER.itemsize + 4 * model.size,
         "train_time_s": train_time_s,
-        "time_per_step_s": train_time_s / cfg.train.steps,
-        "mean_wait_s": float(np.mean(log.wait_s)),
-        "resyncs": log.resyncs,
+        "time_per_step_s": train_time_s / max(1, steps_run),
+        "resumed_from_step": first,
+        "resyncs": state.resyncs,
         "kernel_bytes": state.kernel_bytes,
-        "compression": cfg.compression.enabled,
-        "used_fraction": (used / cfg.train.steps).tolist(),
-        "evaluations": history,
-        "per_step": {"wait_s": log.wait_s, "used": log.used, "arrival_s": log.arrival_s},
+        "mean_wait_s": state.wait_total / max(1, steps_run),
+        "used_fraction": (state.used_steps / max(1, steps_run)).tolist(),
     })
 
 
-def worker(session: Session) -> None:
+def worker(session: Session) -> int | None:
     cfg, channel, model = session.cfg, session.channel, session.model
     blocks = {b: (torch.from_numpy(d.x), torch.from_numpy(d.y)) for b, d in session.blocks.items()}
     batch = block_batch_size(session)
     codec = make_codec(session)
+    straggle = Straggler(session)
+    step = 1
+    if session.checkpoint is not None:
+        completed, local = checkpointing.restore(session, session.checkpoint)
+        load_local_state(session, codec, straggle, local)
+        step = completed + 1
+    open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, None)
+    stop = StopRequest()
     state_floats = model.size + state_size(session.optimizer)
     outbox = Frame(4 * model.size + codec.max_kernel_nbytes())
     inbox = Frame(4 * state_floats + codec.max_kernel_nbytes())
-    straggle = Straggler(session)
-    step = 1
     while step <= cfg.train.steps:
         straggle(step)
         for position, (block, (x, y)) in enumerate(blocks.items()):
@@ -241,18 +339,23 @@ def worker(session: Session) -> None:
             packet = codec.encode(model.grads.numpy(), step)
             kernel = codec.local_kernel() if position == 0 and codec.kernel_due(step + 1) else packet[:0]
             nbytes = outbox.write([packet, kernel], step=step, kind=Kind.GRADIENT, sender=session.rank,
-                                  block=block, version=codec.version, metric=loss)
+                                  block=block, version=codec.version, metric=loss,
+                                  flags=Flag.STOP if stop.requested else 0)
             channel.send(outbox, nbytes, SERVER)
         channel.recv(inbox, SERVER, Tag.DOWNLINK)
         if inbox.field("kind") == Kind.UPDATE:
             apply_update(session, codec, inbox)
-            step += 1
         else:   # RESYNC: this step closed without us; take rank 0's state and kernel, and rejoin
             payload = inbox.payload()
             import_state(model, session.optimizer, torch.from_numpy(payload[:4 * state_floats].view(np.float32)))
             codec.install_kernel(payload[4 * state_floats:], any_version=True)
-            step = int(inbox.field("step")) + 1
+        step = int(inbox.field("step")) + 1
+        if inbox.field("flags") & Flag.CHECKPOINT:
+            checkpointing.save(session, step - 1, local_state(session, codec, straggle))
+        if inbox.field("flags") & Flag.STOP:
+            return EXIT_RESUMABLE
     finish(session, {})
+    return None
 
 
 class Straggler:

@@ -1,7 +1,7 @@
 """Roles, framed buffer messages and byte counting: the one place that talks MPI.
 
-A message is one contiguous uint8 buffer: a fixed 40-byte header (step, kind,
-sender, block, kernel version, payload length, one float metric) followed by the
+A message is one contiguous uint8 buffer: a fixed 48-byte header (step, kind,
+sender, block, kernel version, payload length, one float metric, flags) followed by the
 payload. Frames are allocated once and reused, travel with upper-case mpi4py calls
 (no pickling on the hot path), and every byte is counted by the rank that sends it.
 The MPI tag is the direction (uplink, downlink, ...); the header says what the frame
@@ -10,7 +10,7 @@ carries and for which step, so receivers can drop stale messages.
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
@@ -20,7 +20,7 @@ from hpcfed.errors import HpcfedError
 
 HEADER = np.dtype([
     ("step", "<i8"), ("kind", "<i4"), ("sender", "<i4"), ("block", "<i4"),
-    ("version", "<i4"), ("length", "<i8"), ("metric", "<f8"),
+    ("version", "<i4"), ("length", "<i8"), ("metric", "<f8"), ("flags", "<i8"),
 ])
 SERVER = 0
 T = TypeVar("T")
@@ -36,6 +36,14 @@ class Kind(IntEnum):
     PLAN = 5       # rank 0 -> all (fedavg): the clients of a round
     MODEL = 6      # rank 0 -> worker (fedavg): the global parameters
     DELTA = 7      # worker -> rank 0 (fedavg): a client's trained parameters minus the global ones
+
+
+class Flag(IntFlag):
+    """Header flags. Uplink: the sender got a stop signal. Downlink: after applying this,
+    join a checkpoint (CHECKPOINT), then exit to be resumed (STOP)."""
+
+    STOP = 1
+    CHECKPOINT = 2
 
 
 class Tag(IntEnum):
@@ -63,7 +71,7 @@ class Frame:
         return self.buffer.size - HEADER.itemsize
 
     def write(self, payload: np.ndarray | Sequence[np.ndarray], *, step: int, kind: Kind, sender: int,
-              block: int = 0, version: int = 0, metric: float = 0.0) -> int:
+              block: int = 0, version: int = 0, metric: float = 0.0, flags: int = 0) -> int:
         """Copy the payload (one array, or parts laid end to end) in behind a filled header.
 
         Returns the message size in bytes.
@@ -76,7 +84,7 @@ class Frame:
                 raise ValueError(f"payload exceeds the frame capacity {self.capacity}")
             self.buffer[end:end + raw.size] = raw
             end += raw.size
-        self.head[0] = (step, int(kind), sender, block, version, end - HEADER.itemsize, metric)
+        self.head[0] = (step, int(kind), sender, block, version, end - HEADER.itemsize, metric, int(flags))
         return end
 
     def payload(self, dtype: np.dtype | type = np.uint8) -> np.ndarray:

@@ -10,7 +10,7 @@ def test_frame_round_trip():
     frame = Frame(4 * 10)
     values = np.arange(10, dtype=np.float32)
     nbytes = frame.write(values, step=7, kind=Kind.GRADIENT, sender=3, block=2, version=1, metric=0.5)
-    assert nbytes == HEADER.itemsize + 40 == 80
+    assert nbytes == HEADER.itemsize + 40 == 88
     assert np.array_equal(frame.payload(np.float32), values)
     assert (frame.field("step"), frame.field("sender"), frame.field("block"), frame.field("metric")) == (7, 3, 2, 0.5)
 

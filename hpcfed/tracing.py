@@ -1,0 +1,54 @@
+"""Open the run's HDF5 trace on rank 0 with the attributes every analysis wants."""
+
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import time
+
+import h5py
+import mpi4py
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hpcfed import __version__
+from hpcfed.io.trace import TraceWriter
+from hpcfed.runtime.comm import SERVER
+from hpcfed.runtime.device import cuda_aware_decision
+from hpcfed.session import Session
+
+
+def open_trace(session: Session, step_columns: list[str], worker_columns: list[str],
+               resume_step: int | None) -> TraceWriter | None:
+    """Collective (host names, CUDA-aware decision); rank 0 creates RUN_DIR/trace.h5, or reopens it
+    on resume, truncated to the checkpoint's step."""
+    comm = session.channel.comm
+    hosts = comm.gather(socket.gethostname(), root=SERVER)
+    decision = cuda_aware_decision()
+    cuda_aware = comm.allreduce(int(decision.cuda_aware), op=MPI.MIN) == 1
+    if not session.is_server:
+        return None
+    path = session.run_dir / "trace.h5"
+    if resume_step is not None and path.exists():
+        trace = TraceWriter.reopen(path, resume_step)
+        trace.event(resume_step, "resume", f"from {session.checkpoint.name}")
+        return trace
+    attrs = {
+        "config": session.cfg.to_yaml(),
+        "algorithm": session.cfg.algorithm,
+        "hpcfed_version": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "mpi4py": mpi4py.__version__,
+        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+        "cuda_aware_mpi": cuda_aware,
+        "cuda_aware_reason": decision.reason,
+        "hosts": json.dumps(hosts),
+        "world_size": comm.Get_size(),
+        "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return TraceWriter.create(path, attrs, step_columns, worker_columns, session.n_workers)
