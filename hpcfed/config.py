@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hpcfed.aggregation.actor_critic import ActorCriticSettings
 from hpcfed.codec.codec import CompressionSettings
 from hpcfed.errors import HpcfedError
 
@@ -68,21 +69,41 @@ class CodingConfig(Section):
     mode: Literal["coded", "wait-all", "drop-stragglers"] = "coded"
 
 
-class StragglerFaults(Section):
-    ranks: list[int] = Field(default_factory=list, description="worker ranks (>= 1) that straggle")
+class WorkerRanks(Section):
+    """A fault's target ranks: workers only (rank 0 is the server)."""
+
+    ranks: list[int] = Field(default_factory=list, description="worker ranks (>= 1) with this fault")
+
+    @model_validator(mode="after")
+    def _worker_ranks(self) -> "WorkerRanks":
+        if any(rank < 1 for rank in self.ranks):
+            raise ValueError(f"ranks must be worker ranks >= 1 (got {self.ranks})")
+        return self
+
+
+class StragglerFaults(WorkerRanks):
     delay_s: float = Field(0.0, ge=0.0)
     prob: float = Field(1.0, ge=0.0, le=1.0, description="chance per step that a chosen rank sleeps")
     random: bool = Field(False, description="draw each delay from an exponential with mean delay_s")
 
-    @model_validator(mode="after")
-    def _worker_ranks(self) -> "StragglerFaults":
-        if any(rank < 1 for rank in self.ranks):
-            raise ValueError(f"faults.stragglers.ranks: worker ranks are >= 1 (got {self.ranks})")
-        return self
+
+class LabelNoiseFaults(WorkerRanks):
+    """Labels of the ranks' data randomly permuted."""
+
+
+class GradScaleFaults(WorkerRanks):
+    factor: float = -5.0
+
+
+class GradNoiseFaults(WorkerRanks):
+    """Updates replaced by Gaussian noise of the same norm."""
 
 
 class FaultsConfig(Section):
     stragglers: StragglerFaults = StragglerFaults()
+    label_noise: LabelNoiseFaults = LabelNoiseFaults()
+    grad_scale: GradScaleFaults = GradScaleFaults()
+    grad_noise: GradNoiseFaults = GradNoiseFaults()
 
 
 class ServerAdjustConfig(Section):
@@ -107,7 +128,11 @@ class FederatedConfig(Section):
 
 
 class AggregationConfig(Section):
-    weighting: Literal["uniform", "samples"] = "samples"
+    weighting: Literal["samples", "uniform", "actor_critic", "median", "trimmed_mean"] = "samples"
+    trim: int = Field(1, ge=0, description="trimmed_mean: updates dropped at each end, per coordinate")
+    validation_size: int = Field(100, ge=1, description="actor_critic: training samples held out at rank 0 "
+                                                        "for the reward (validation-loss improvement)")
+    actor_critic: ActorCriticSettings = ActorCriticSettings()
 
 
 class CheckpointConfig(Section):

@@ -26,6 +26,7 @@ from hpcfed.config import CodingConfig, Config, load_config
 from hpcfed.data.datasets import Dataset, carve, load_dataset, train_test_split
 from hpcfed.data.partition import PARAMS, partition
 from hpcfed.errors import HpcfedError
+from hpcfed.faults import Faults
 from hpcfed.models import FlatModel, build_model
 from hpcfed.optim import make_optimizer
 from hpcfed.runtime.comm import SERVER, Channel, agree
@@ -47,8 +48,10 @@ class Session:
     run_dir: Path | None          # rank 0 only
     log: logging.Logger
     shared: Dataset | None = None  # rank 0, fedavg with server adjustment: the globally shared set
+    validation: Dataset | None = None  # rank 0, actor-critic weighting: the reward's validation set
     block_sizes: list[int] = field(default_factory=list)  # rank 0: samples per block
     checkpoint: Path | None = None  # the checkpoint this run resumes from (known on every rank)
+    faults: Faults | None = None    # fault injection on this rank (faults.*)
     started: float = field(default_factory=time.monotonic)
     bytes_data: int = 0           # start-up data hand-out, counted on rank 0
 
@@ -100,37 +103,40 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm,
     def prepare() -> tuple[Dataset, Dataset | None, list[Dataset], Assignment, Path]:
         full = load_dataset(cfg.data, cfg.seed)
         train, test = train_test_split(full, cfg.data.test_fraction, cfg.seed)
+        validation, train = carve_validation(cfg, train)
         assignment, blocks, shared = data_layout(cfg, train, n_workers)
         run_dir = make_run_dir(cfg, config_path, resuming=checkpoint is not None)
         write_splits(run_dir / "splits.h5", test, shared, blocks, assignment)
-        return test, shared, blocks, assignment, run_dir
+        return test, shared, validation, blocks, assignment, run_dir
 
     prepared = agree(comm, prepare)
     if prepared is not None:
-        test, shared_set, blocks, assignment, run_dir = prepared
+        test, shared_set, validation, blocks, assignment, run_dir = prepared
         log.info("run directory %s; %d training samples in %d blocks over %d workers (%s), %d test samples%s",
                  run_dir, sum(len(b) for b in blocks), len(blocks), n_workers, describe(cfg, assignment), len(test),
                  f", {len(shared_set)} shared samples at rank 0" if shared_set else "")
         print(cfg.to_yaml(), flush=True)
         common = (test.sample_shape, test.num_classes, assignment)
     else:
-        test, shared_set, blocks, run_dir, common = None, None, [], None, None
+        test, shared_set, validation, blocks, run_dir, common = None, None, None, [], None, None
     sample_shape, num_classes, assignment = comm.bcast(common, root=SERVER)
 
     bytes_data, mine = 0, {}
+    faults = Faults(cfg.faults, cfg.seed, channel.rank)
     if channel.rank == SERVER:
         for worker in range(1, n_workers + 1):
             held = {f"{b}/{name}": getattr(blocks[b], name) for b in assignment.blocks_of(worker - 1) for name in "xy"}
             bytes_data += channel.send_arrays(held, worker)
     else:
         arrays = channel.recv_arrays(SERVER)
-        mine = {b: Dataset(arrays[f"{b}/x"], arrays[f"{b}/y"], num_classes) for b in assignment.blocks_of(channel.rank - 1)}
+        mine = {b: faults.labels(Dataset(arrays[f"{b}/x"], arrays[f"{b}/y"], num_classes))
+                for b in assignment.blocks_of(channel.rank - 1)}
 
     model = FlatModel(build_model(cfg.model, sample_shape, num_classes, cfg.seed))
     comm.Bcast(model.params.numpy(), root=SERVER)
     return Session(cfg, channel, model, make_optimizer(cfg.train, model), assignment, mine, test, run_dir, log,
-                   shared=shared_set, block_sizes=[len(b) for b in blocks], bytes_data=bytes_data,
-                   checkpoint=checkpoint)
+                   shared=shared_set, validation=validation, block_sizes=[len(b) for b in blocks],
+                   bytes_data=bytes_data, checkpoint=checkpoint, faults=faults)
 
 
 def data_layout(cfg: Config, train: Dataset, n_workers: int) -> tuple[Assignment, list[Dataset], Dataset | None]:
@@ -141,6 +147,10 @@ def data_layout(cfg: Config, train: Dataset, n_workers: int) -> tuple[Assignment
     adjustment, a shared set is carved off first and stays on rank 0 only.
     """
     shared = None
+    node_rule = cfg.aggregation.weighting in ("actor_critic", "median", "trimmed_mean")
+    if node_rule and cfg.algorithm == "sync" and cfg.coding.enabled and cfg.coding.mode == "coded":
+        raise HpcfedError(f"aggregation.weighting={cfg.aggregation.weighting} weighs whole workers; coded blocks "
+                          "have several holders: use coding.mode wait-all or drop-stragglers")
     if cfg.algorithm == "fedavg":
         if cfg.federated.server_adjust.enabled:
             shared, train = carve(train, cfg.federated.server_adjust.shared_fraction, cfg.seed, "shared-set")
@@ -152,6 +162,16 @@ def data_layout(cfg: Config, train: Dataset, n_workers: int) -> tuple[Assignment
         raise HpcfedError(f"data: {len(train)} training samples cannot be cut into {assignment.n_blocks} "
                           f"blocks for {n_workers} workers")
     return assignment, [train.subset(i) for i in cut_blocks(cfg, train, assignment.n_blocks)], shared
+
+
+def carve_validation(cfg: Config, train: Dataset) -> tuple[Dataset | None, Dataset]:
+    """Actor-critic only: (validation set for the reward, kept at rank 0; the rest of the training data)."""
+    if cfg.aggregation.weighting != "actor_critic":
+        return None, train
+    size = cfg.aggregation.validation_size
+    if size >= len(train):
+        raise HpcfedError(f"aggregation.validation_size={size}: the training set has only {len(train)} samples")
+    return carve(train, size / len(train), cfg.seed, "validation")
 
 
 def write_splits(path: Path, test: Dataset, shared: Dataset | None, blocks: list[Dataset],

@@ -40,7 +40,8 @@ only, and a restored weighter continues bit-identically.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,7 +58,7 @@ PREV_CLIP = 4.0         # relative previous probability is clipped to [0, PREV_C
 REWARD_CLIP = 5.0       # normalised rewards are clipped to [-REWARD_CLIP, REWARD_CLIP]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class ActorCriticSettings:
     """Hyper-parameters of :class:`ActorCriticWeighter` (defaults tuned on the digits simulation)."""
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hpcfed.aggregation.combiner import Combiner
 from hpcfed.coding import block_batch
 from hpcfed.config import ServerAdjustConfig
 from hpcfed.data.datasets import Dataset, carve
@@ -54,6 +55,9 @@ def server(session: Session) -> dict:
     inbox = [Frame(4 * model.size) for _ in range(fed.clients)]
     x_test, y_test = torch.from_numpy(session.test.x), torch.from_numpy(session.test.y)
     trace = open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, None)
+    combiner = Combiner(cfg.aggregation, fed.clients, cfg.seed)
+    validation = None if session.validation is None else (torch.from_numpy(session.validation.x),
+                                                          torch.from_numpy(session.validation.y))
     progress = Progress(fed.rounds, unit="round")
     rounds: list[dict] = []
     start = time.monotonic()
@@ -67,12 +71,12 @@ def server(session: Session) -> dict:
         sends = [channel.isend(outbox, nbytes, rank) for rank in hosts]
         receives = [channel.irecv(inbox[c], host_of(c, session.n_workers), Tag.UPLINK) for c in chosen]
         MPI.Request.Waitall(sends + receives)
-        weights = np.array([session.block_sizes[c] if cfg.aggregation.weighting == "samples" else 1.0 for c in chosen])
-        weights = weights / weights.sum()
-        delta = np.zeros(model.size, dtype=np.float32)
-        for weight, c in zip(weights, chosen):   # client order: reproducible sums
-            delta += np.float32(weight) * inbox[c].payload(np.float32)
-        model.params.add_(torch.from_numpy(delta))
+        delta, weights = combiner.combine(list(chosen), [inbox[c].payload(np.float32) for c in chosen],
+                                          [session.block_sizes[c] for c in chosen])   # client order: reproducible
+        before = model.evaluate(*validation)[0] if combiner.learns else 0.0
+        model.params.add_(torch.from_numpy(np.asarray(delta, dtype=np.float32)))
+        if combiner.learns:
+            combiner.feedback(before - model.evaluate(*validation)[0])
         client_loss = float(np.mean([inbox[c].field("metric") for c in chosen]))
         loss_before, acc_before = model.evaluate(x_test, y_test)
         record = {"round": round_, "clients": chosen.tolist(), "client_loss": client_loss,
@@ -88,7 +92,7 @@ def server(session: Session) -> dict:
         for weight, c in zip(weights, chosen):
             host = host_of(c, session.n_workers) - 1
             received[host] += inbox[c].field("length") + HEADER.itemsize
-            used[host], share[host] = 1, share[host] + weight
+            used[host], share[host] = 1, share[host] + weight   # NaN for rules without weights
         trace.append_step({"step": round_, "loss": client_loss, "accuracy": accuracy, "accuracy_before_adjust":
                            acc_before, "test_loss": loss, "bytes_up": received.sum(),
                            "bytes_down": channel.bytes_sent - sent_before, "wall_s": time.monotonic() - session.started,
@@ -134,6 +138,7 @@ def worker(session: Session) -> None:
         for client in mine:
             loss = train_client(session, client, start, round_, kept)
             delta = (model.params - start).numpy()
+            session.faults.update(delta)
             channel.send(outbox, outbox.write(delta, step=round_, kind=Kind.DELTA, sender=session.rank,
                                               block=client, metric=loss), SERVER)
     finish(session, {})

@@ -29,14 +29,14 @@ from mpi4py import MPI
 from hpcfed import checkpointing
 from hpcfed.checkpointing import LocalState
 from hpcfed.codec.codec import GradientCodec
-from hpcfed.coding import CompletionTracker, block_batch, combine_block_gradients
+from hpcfed.aggregation.combiner import Combiner
+from hpcfed.coding import CompletionTracker, block_batch
 from hpcfed.errors import HpcfedError
 from hpcfed.optim import export_state, import_state, state_size
 from hpcfed.runtime.comm import HEADER, SERVER, Flag, Frame, Kind, Tag
 from hpcfed.runtime.inbox import Inbox
 from hpcfed.runtime.log import Progress
 from hpcfed.runtime.stop import EXIT_RESUMABLE, StopRequest
-from hpcfed.seeding import rng
 from hpcfed.session import Session, finish
 from hpcfed.tracing import open_trace
 
@@ -77,23 +77,27 @@ def apply_update(session: Session, codec: GradientCodec, update: Frame) -> None:
         codec.install_kernel(payload[size:])
 
 
-def local_state(session: Session, codec: GradientCodec, straggler: "Straggler | None") -> LocalState:
-    """What this rank alone knows: codec state, fault RNG, bytes sent so far."""
-    state = codec.state_dict()
-    arrays = {f"codec/{k}": np.asarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
-    values = {f"codec/{k}": v for k, v in state.items() if not isinstance(v, np.ndarray)}
-    values["bytes_sent"] = session.channel.bytes_sent
-    if straggler is not None:
-        values["straggler_rng"] = straggler.rng.bit_generator.state
+def local_state(session: Session, codec: GradientCodec, combiner: Combiner | None = None) -> LocalState:
+    """What this rank alone knows: codec state, fault RNGs, bytes sent so far (rank 0: the combiner)."""
+    parts = {"codec": codec.state_dict(), "combiner": combiner.state_dict() if combiner else {}}
+    flat = {f"{part}/{k}": v for part, state in parts.items() for k, v in state.items()}
+    arrays = {k: np.asarray(v) for k, v in flat.items() if isinstance(v, np.ndarray)}
+    values = {k: v for k, v in flat.items() if not isinstance(v, np.ndarray)}
+    values.update(bytes_sent=session.channel.bytes_sent, faults=session.faults.state())
     return LocalState(arrays, values)
 
 
-def load_local_state(session: Session, codec: GradientCodec, straggler: "Straggler | None", local: LocalState) -> None:
-    state = {k.removeprefix("codec/"): v for k, v in {**local.arrays, **local.values}.items() if k.startswith("codec/")}
-    codec.load_state_dict(state)
+def load_local_state(session: Session, codec: GradientCodec, local: LocalState, combiner: Combiner | None = None) -> None:
+    flat = {**local.arrays, **local.values}
+
+    def part(name: str) -> dict:
+        return {k.removeprefix(f"{name}/"): v for k, v in flat.items() if k.startswith(f"{name}/")}
+
+    codec.load_state_dict(part("codec"))
+    if combiner is not None:
+        combiner.load_state_dict(part("combiner"))
     session.channel.bytes_sent = int(local.values["bytes_sent"])
-    if straggler is not None:
-        straggler.rng.bit_generator.state = local.values["straggler_rng"]
+    session.faults.load_state(local.values["faults"])
 
 
 class Server:
@@ -127,6 +131,9 @@ class Server:
         self.resyncs = 0
         self.kernel_bytes = 0
         self.wait_total = 0.0
+        self.combiner = Combiner(session.cfg.aggregation, workers, session.cfg.seed)
+        validation = session.validation
+        self.validation = None if validation is None else (torch.from_numpy(validation.x), torch.from_numpy(validation.y))
         self.used_steps = np.zeros(workers)                     # steps in which each worker's blocks were used
         self.step_bytes = np.zeros(workers)
 
@@ -158,7 +165,10 @@ class Server:
         grads = {block: codec.decode(frame.payload()[:size], step, out=self.block_grads[block])
                  for block, frame in frames.items()}
         t_decode, clock = time.monotonic() - clock, time.monotonic()
-        aggregate = combine_block_gradients(grads, {b: block_batch_size(self.session) for b in grads})
+        order = sorted(grads)   # block order: the sum is the same bytes whatever arrived first
+        holders = [self.tracker.chosen()[b] for b in order]
+        aggregate, weights = self.combiner.combine(holders, [grads[b] for b in order],
+                                                   [block_batch_size(self.session)] * len(order))
         loss = float(np.mean([frame.field("metric") for frame in frames.values()]))
         for index in held.values():
             self.inbox.repost(index)
@@ -179,11 +189,15 @@ class Server:
         self.kernel_bytes += kernel.size * len(arrived)
         self.answered[arrived] = step
         self.synced_to[arrived] = step
+        before = self._validation_loss()
         apply_update(self.session, codec, self.update)
+        if self.combiner.learns:
+            self.combiner.feedback(before - self._validation_loss())
         self.completed = step
-        used_blocks = np.zeros(self.session.n_workers)
-        for worker in self.tracker.chosen().values():
-            used_blocks[worker] += 1
+        used_blocks, weight = np.zeros(self.session.n_workers), np.zeros(self.session.n_workers)
+        for holder, share in zip(holders, weights):
+            used_blocks[holder] += 1
+            weight[holder] += share
         self.used_steps += used_blocks > 0
         self.wait_total += t_wait
         row = {"step": step, "loss": loss, "bytes_up": self.step_bytes.sum(),
@@ -191,8 +205,12 @@ class Server:
                "t_aggregate": t_aggregate, "t_encode": t_encode, "t_apply": time.monotonic() - clock,
                "kernel_version": codec.version}
         workers = {"bytes": self.step_bytes.copy(), "arrival_s": arrival, "used": (used_blocks > 0).astype(np.int8),
-                   "weight": used_blocks / max(1, used_blocks.sum())}
+                   "weight": weight}
         return row, workers
+
+    def _validation_loss(self) -> float:
+        """Loss on rank 0's validation set (actor-critic reward); 0 when there is none."""
+        return self.session.model.evaluate(*self.validation)[0] if self.validation is not None else 0.0
 
     def _flags(self, step: int) -> int:
         flags = 0
@@ -259,7 +277,7 @@ def server(session: Session) -> dict | int:
     first = 0
     if session.checkpoint is not None:
         first, local = checkpointing.restore(session, session.checkpoint)
-        load_local_state(session, state.codec, None, local)
+        load_local_state(session, state.codec, local, state.combiner)
         state.start_at(first)
     trace = open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, first if session.checkpoint else None)
     x_test, y_test = torch.from_numpy(session.test.x), torch.from_numpy(session.test.y)
@@ -279,7 +297,7 @@ def server(session: Session) -> dict | int:
             progress.advance(loss=row["loss"])
             if state.flags & Flag.CHECKPOINT:
                 state.bring_all_to(step)
-                path = checkpointing.save(session, step, local_state(session, state.codec, None))
+                path = checkpointing.save(session, step, local_state(session, state.codec, state.combiner))
                 state.events.append((step, "checkpoint", path.name))
             trace.append_step(row, workers)
             for event in state.events:
@@ -320,11 +338,10 @@ def worker(session: Session) -> int | None:
     blocks = {b: (torch.from_numpy(d.x), torch.from_numpy(d.y)) for b, d in session.blocks.items()}
     batch = block_batch_size(session)
     codec = make_codec(session)
-    straggle = Straggler(session)
     step = 1
     if session.checkpoint is not None:
         completed, local = checkpointing.restore(session, session.checkpoint)
-        load_local_state(session, codec, straggle, local)
+        load_local_state(session, codec, local)
         step = completed + 1
     open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, None)
     stop = StopRequest()
@@ -332,10 +349,11 @@ def worker(session: Session) -> int | None:
     outbox = Frame(4 * model.size + codec.max_kernel_nbytes())
     inbox = Frame(4 * state_floats + codec.max_kernel_nbytes())
     while step <= cfg.train.steps:
-        straggle(step)
+        session.faults.straggle()
         for position, (block, (x, y)) in enumerate(blocks.items()):
             rows = torch.from_numpy(block_batch(len(y), batch, cfg.seed, block, step))
             loss = compute_gradient(session, x[rows], y[rows], step)
+            session.faults.update(model.grads.numpy())
             packet = codec.encode(model.grads.numpy(), step)
             kernel = codec.local_kernel() if position == 0 and codec.kernel_due(step + 1) else packet[:0]
             nbytes = outbox.write([packet, kernel], step=step, kind=Kind.GRADIENT, sender=session.rank,
@@ -351,25 +369,11 @@ def worker(session: Session) -> int | None:
             codec.install_kernel(payload[4 * state_floats:], any_version=True)
         step = int(inbox.field("step")) + 1
         if inbox.field("flags") & Flag.CHECKPOINT:
-            checkpointing.save(session, step - 1, local_state(session, codec, straggle))
+            checkpointing.save(session, step - 1, local_state(session, codec))
         if inbox.field("flags") & Flag.STOP:
             return EXIT_RESUMABLE
     finish(session, {})
     return None
-
-
-class Straggler:
-    """Fault injection (``faults.stragglers``): chosen ranks sleep before computing a step."""
-
-    def __init__(self, session: Session) -> None:
-        faults = session.cfg.faults.stragglers
-        self.active = session.rank in faults.ranks and faults.delay_s > 0
-        self.faults = faults
-        self.rng = rng(session.cfg.seed, "straggler", session.rank)
-
-    def __call__(self, step: int) -> None:
-        if self.active and self.rng.random() < self.faults.prob:
-            time.sleep(self.rng.exponential(self.faults.delay_s) if self.faults.random else self.faults.delay_s)
 
 
 def compute_gradient(session: Session, x: torch.Tensor, y: torch.Tensor, step: int) -> float:

@@ -43,7 +43,7 @@ def test_wait_all_is_held_back_and_drop_stragglers_skips(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["--set", "coding.target=5"], "coding.target=5: allowed 1..4"),
     (["--set", "coding.scheme=fractional", "--set", "coding.target=2"], "use scheme=cyclic"),
-    (["--set", "faults.stragglers.ranks=[0]"], "faults.stragglers.ranks: worker ranks are >= 1"),
+    (["--set", "faults.stragglers.ranks=[0]"], "faults.stragglers: ranks must be worker ranks >= 1"),
 ])
 def test_bad_coding_settings_are_one_line(tmp_path, args, expected):
     result = run_mpi(5, ["run", "--set", "coding.enabled=true", *args, "--set", f"output.dir={tmp_path}"], timeout=60)
