@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import h5py
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,10 @@ def run_hpcfed(ranks: int, overrides: list[str], config: str | None = None, time
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"hpcfed run failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        return json.loads(Path(out, "run", "summary.json").read_text())
+        summary = json.loads(Path(out, "run", "summary.json").read_text())
+        with h5py.File(Path(out, "run", "trace.h5"), "r") as trace:   # per-worker weights (step x worker)
+            summary["trace_weights"] = trace["workers/weight"][:]
+        return summary
 
 
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:

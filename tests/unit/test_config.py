@@ -64,3 +64,16 @@ def test_top_level_must_be_a_mapping(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(HpcfedError, match="top level must be a mapping"):
         load_config(str(bad))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    if path.name.startswith("align"):
+        from hpcfed.psi.config import load_align_config
+
+        load_align_config(str(path), [])
+    elif path.name == "hdf5-data.yaml":   # names a file the README shows how to write
+        with pytest.raises(HpcfedError, match="data.path: file 'data/digits.h5' not found"):
+            load_config(str(path))
+    else:
+        load_config(str(path))
