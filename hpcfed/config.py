@@ -7,23 +7,16 @@ what is allowed. The schema defaults ARE the built-in quickstart
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from hpcfed.aggregation.actor_critic import ActorCriticSettings
 from hpcfed.codec.codec import CompressionSettings
-from hpcfed.errors import HpcfedError
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from hpcfed.configfile import Section, apply_override, read_yaml, validate
 
 
 class DataConfig(Section):
@@ -172,85 +165,7 @@ class Config(Section):
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read YAML (or take the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
-    raw = _read_yaml(path) if path else {}
+    raw = read_yaml(path) if path else {}
     for item in overrides:
-        _apply_override(raw, item)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        raise HpcfedError(_describe(err)) from None
-    except HpcfedError as err:   # a section's own range check (e.g. compression.bits)
-        raise HpcfedError(f"config error: {err}") from None
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise HpcfedError(f"config error: file '{path}' not found")
-    try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise HpcfedError(f"config error: {path}{where}: YAML syntax error: {problem}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise HpcfedError(f"config error: cannot read '{path}': {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise HpcfedError(f"config error: {path}: the top level must be a mapping of keys (got {type(data).__name__})")
-    return data
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise HpcfedError(f"config error: --set '{item}': expected KEY=VALUE, e.g. train.lr=0.1")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise HpcfedError(f"config error: --set {key}: '{part}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _allowed_keys(section: Any) -> list[str]:
-    """Key names of a config section (a pydantic model or a pydantic dataclass)."""
-    if isinstance(section, type) and issubclass(section, BaseModel):
-        return list(section.model_fields)
-    if dataclasses.is_dataclass(section):
-        return [f.name for f in dataclasses.fields(section)]
-    return []
-
-
-def _section_at(loc: tuple[Any, ...]) -> Any:
-    """The section type that owns the key at ``loc`` (for listing allowed keys)."""
-    section: Any = Config
-    for part in loc[:-1]:
-        hints = {f.name: f.type for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else {
-            name: field.annotation for name, field in getattr(section, "model_fields", {}).items()}
-        section = hints.get(str(part))
-    return section
-
-
-def _describe(err: ValidationError) -> str:
-    """One line for the first validation problem: key, what is wrong, what is allowed."""
-    first = err.errors()[0]
-    loc = tuple(first["loc"])
-    key = ".".join(str(p) for p in loc)
-    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        allowed = ", ".join(_allowed_keys(_section_at(loc)))
-        return f"config error: unknown key '{key}' (allowed here: {allowed})"
-    message = str(first["msg"]).removeprefix("Value error, ")
-    if key and message.split(":", 1)[0].startswith(key):  # a validator that names its own key
-        return f"config error: {message}"
-    shown = first.get("input")
-    got = "" if isinstance(shown, dict) else f" (got {shown!r})"
-    return f"config error: {key or 'config'}: {message}{got}"
+        apply_override(raw, item)
+    return validate(Config, raw)

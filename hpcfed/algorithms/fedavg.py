@@ -119,7 +119,7 @@ def server(session: Session) -> dict:
 
 
 def worker(session: Session) -> None:
-    cfg, fed, model, channel = session.cfg, session.cfg.federated, session.model, session.channel
+    fed, model, channel = session.cfg.federated, session.model, session.channel
     plan = Frame(8 * fed.clients)
     global_model = Frame(4 * model.size)
     outbox = Frame(4 * model.size)

@@ -1,7 +1,6 @@
 """End-to-end runs of `hpcfed run` under mpiexec with 2-4 real ranks."""
 
 import json
-import sys
 from pathlib import Path
 
 import h5py
