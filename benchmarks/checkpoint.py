@@ -5,6 +5,10 @@ size (the quickstart CNN has 151,306 parameters). hpcfed's write includes the CR
 file and folder, the `latest` pointer and pruning; its read verifies every checksum. The baselines
 are np.save of one array holding the same bytes, without and with fsync, and np.load.
 
+A second table runs the quickstart (4 ranks, 300 steps) with a checkpoint every 50 steps and
+with checkpoints only at the end, and states the share of the run's training time the periodic
+checkpoints cost (the target is under 5%).
+
     PYTHONPATH=. python benchmarks/checkpoint.py [--quick] [--out bench-out/checkpoint.json]
 """
 
@@ -83,6 +87,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_overhead(quick: bool) -> dict:
+    """Training time of the quickstart with checkpoints every 50 steps vs. only at the end (median of runs)."""
+    from common import markdown_table, run_hpcfed
+
+    steps, repeats = (100, 1) if quick else (300, 3)
+    times = {}
+    for label, every in (("every 50 steps", 50), ("only at the end", 0)):
+        runs = [run_hpcfed(4, [f"train.steps={steps}", f"checkpoint.every={every}"])["train_time_s"]
+                for _ in range(repeats)]
+        times[label] = statistics.median(runs)
+    share = times["every 50 steps"] / times["only at the end"] - 1
+    print(markdown_table(["quickstart, 4 ranks", "train time s (median)"],
+                         [[k, f"{v:.2f}"] for k, v in times.items()]))
+    print(f"\nperiodic checkpoints cost {100 * share:+.1f}% of the training time (target: < 5%)")
+    return {"steps": steps, "repeats": repeats, "train_time_s": times, "overhead": share}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 repetition, 1M instead of 10M")
@@ -97,9 +118,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(rows))
+    print()
+    overhead = run_overhead(args.quick)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "checkpoint", "work_dir": str(work.parent), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"benchmark": "checkpoint", "work_dir": str(work.parent), "rows": rows,
+                               "run_overhead": overhead}, indent=2))
     print(f"\nwrote {out}")
 
 

@@ -22,7 +22,10 @@ from hpcfed.config import ServerAdjustConfig
 from hpcfed.data.datasets import Dataset, carve
 from hpcfed.models import FlatModel, save_model
 from hpcfed.optim import make_optimizer, state_tensors
-from hpcfed.runtime.comm import HEADER, SERVER, Frame, Kind, Tag
+from hpcfed import checkpointing
+from hpcfed.checkpointing import LocalState
+from hpcfed.runtime.comm import HEADER, SERVER, Flag, Frame, Kind, Tag
+from hpcfed.runtime.stop import EXIT_RESUMABLE, StopRequest
 from hpcfed.runtime.log import Progress
 from hpcfed.seeding import rng
 from hpcfed.session import Session, finish
@@ -48,20 +51,71 @@ def sample_clients(seed: int, round_: int, clients: int, fraction: float) -> np.
     return np.sort(rng(seed, "clients", round_).choice(clients, size=count, replace=False))
 
 
-def server(session: Session) -> dict:
+def round_flags(session: Session, stop: StopRequest, completed: int, first: int) -> int:
+    """Collective, the same on every rank: checkpoint (and stop) after round ``completed``?
+
+    Rounds run in lockstep, so one allreduce of the ranks' stop signals agrees on a stop.
+    """
+    every, last = session.cfg.checkpoint.every, session.cfg.federated.rounds
+    stopping = session.channel.comm.allreduce(int(stop.requested), op=MPI.MAX) and completed < last
+    flags = Flag.STOP | Flag.CHECKPOINT if stopping else 0
+    if completed == last or (every > 0 and completed % every == 0 and completed > first):
+        flags |= Flag.CHECKPOINT
+    return flags
+
+
+def local_state(session: Session, kept: dict[int, list[torch.Tensor]], combiner: Combiner | None) -> LocalState:
+    """This rank's own state: clients' kept optimizer state (workers), the combiner (rank 0), fault RNGs."""
+    arrays = {f"clients/{c}/{i}": t.numpy() for c, tensors in kept.items() for i, t in enumerate(tensors)}
+    values = {"bytes_sent": session.channel.bytes_sent, "faults": session.faults.state()}
+    for key, value in (combiner.state_dict() if combiner else {}).items():
+        (arrays if isinstance(value, np.ndarray) else values)[f"combiner/{key}"] = value
+    return LocalState(arrays, values)
+
+
+def load_local_state(session: Session, local: LocalState, kept: dict[int, list[torch.Tensor]],
+                     combiner: Combiner | None) -> None:
+    for name, array in sorted(local.arrays.items(), key=lambda item: int(item[0].split("/")[-1])
+                              if item[0].startswith("clients/") else 0):
+        if name.startswith("clients/"):
+            kept.setdefault(int(name.split("/")[1]), []).append(torch.from_numpy(array))
+    if combiner is not None:
+        flat = {**local.arrays, **local.values}
+        combiner.load_state_dict({k.removeprefix("combiner/"): v for k, v in flat.items() if k.startswith("combiner/")})
+    session.channel.bytes_sent = int(local.values["bytes_sent"])
+    session.faults.load_state(local.values["faults"])
+
+
+def server(session: Session) -> dict | int:
     cfg, fed, model, channel = session.cfg, session.cfg.federated, session.model, session.channel
     plan = Frame(8 * fed.clients)
     outbox = Frame(4 * model.size)
     inbox = [Frame(4 * model.size) for _ in range(fed.clients)]
     x_test, y_test = torch.from_numpy(session.test.x), torch.from_numpy(session.test.y)
-    trace = open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, None)
     combiner = Combiner(cfg.aggregation, fed.clients, cfg.seed)
+    first = 0
+    if session.checkpoint is not None:
+        first, local = checkpointing.restore(session, session.checkpoint)
+        load_local_state(session, local, {}, combiner)
+    trace = open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, first if session.checkpoint else None)
+    stop = StopRequest()
     validation = None if session.validation is None else (torch.from_numpy(session.validation.x),
                                                           torch.from_numpy(session.validation.y))
-    progress = Progress(fed.rounds, unit="round")
+    progress = Progress(fed.rounds, initial=first, unit="round")
     rounds: list[dict] = []
     start = time.monotonic()
-    for round_ in range(1, fed.rounds + 1):
+    for round_ in range(first + 1, fed.rounds + 1):
+        flags = round_flags(session, stop, round_ - 1, first)
+        if flags & Flag.CHECKPOINT:
+            path = checkpointing.save(session, round_ - 1, local_state(session, {}, combiner))
+            trace.event(round_ - 1, "checkpoint", path.name)
+        if flags & Flag.STOP:
+            trace.event(round_ - 1, "stop", f"resume with --resume {session.run_dir}")
+            session.log.warning("stopped after round %d; checkpoint written; resume with: hpcfed run --resume %s",
+                                round_ - 1, session.run_dir)
+            trace.close()
+            progress.close()
+            return EXIT_RESUMABLE
         round_start, sent_before = time.monotonic(), channel.bytes_sent
         chosen = sample_clients(cfg.seed, round_, fed.clients, fed.fraction)
         plan.write(chosen.astype(np.int64), step=round_, kind=Kind.PLAN, sender=SERVER)
@@ -101,35 +155,45 @@ def server(session: Session) -> dict:
         progress.advance(accuracy=accuracy)
         progress.report(round_, client_loss=client_loss, acc_aggregate=acc_before, accuracy=accuracy)
     progress.close()
+    round_flags(session, stop, fed.rounds, first)
+    path = checkpointing.save(session, fed.rounds, local_state(session, {}, combiner))
+    trace.event(fed.rounds, "checkpoint", path.name)
     trace.close()
-    plan.write(np.zeros(0, np.int64), step=0, kind=Kind.PLAN, sender=SERVER)   # round 0: training is over
-    channel.bcast(plan, plan.buffer.size)
+    final_loss, final_accuracy = model.evaluate(x_test, y_test)
     save_model(session.run_dir / "model.h5", model.module, {"config": cfg.to_yaml(), "rounds": fed.rounds})
     train_time_s = time.monotonic() - start
     return finish(session, {
         "steps": fed.rounds,
         "rounds": fed.rounds,
-        "final_accuracy": rounds[-1]["accuracy"],
-        "final_test_loss": rounds[-1]["test_loss"],
+        "final_accuracy": final_accuracy,
+        "final_test_loss": final_loss,
         "train_time_s": train_time_s,
         "dense_bytes_per_step": 4 * model.size,
         "shared_samples": 0 if session.shared is None else len(session.shared),
+        "resumed_from_round": first,
         "per_round": rounds,
     })
 
 
-def worker(session: Session) -> None:
+def worker(session: Session) -> int | None:
     fed, model, channel = session.cfg.federated, session.model, session.channel
     plan = Frame(8 * fed.clients)
     global_model = Frame(4 * model.size)
     outbox = Frame(4 * model.size)
     kept: dict[int, list[torch.Tensor]] = {}
+    first = 0
+    if session.checkpoint is not None:
+        first, local = checkpointing.restore(session, session.checkpoint)
+        load_local_state(session, local, kept, None)
     open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, None)
-    while True:
+    stop = StopRequest()
+    for round_ in range(first + 1, fed.rounds + 1):
+        flags = round_flags(session, stop, round_ - 1, first)
+        if flags & Flag.CHECKPOINT:
+            checkpointing.save(session, round_ - 1, local_state(session, kept, None))
+        if flags & Flag.STOP:
+            return EXIT_RESUMABLE
         channel.bcast(plan, plan.buffer.size)
-        round_ = int(plan.field("step"))
-        if round_ == 0:
-            break
         mine = [int(c) for c in plan.payload(np.int64) if host_of(int(c), session.n_workers) == session.rank]
         if not mine:
             continue
@@ -141,7 +205,10 @@ def worker(session: Session) -> None:
             session.faults.update(delta)
             channel.send(outbox, outbox.write(delta, step=round_, kind=Kind.DELTA, sender=session.rank,
                                               block=client, metric=loss), SERVER)
+    round_flags(session, stop, fed.rounds, first)
+    checkpointing.save(session, fed.rounds, local_state(session, kept, None))
     finish(session, {})
+    return None
 
 
 def train_client(session: Session, client: int, start: torch.Tensor, round_: int,

@@ -1,6 +1,8 @@
 """Federated rounds under mpiexec: 20 clients on 3 worker ranks, non-IID, with and without server adjustment."""
 
 import json
+import os
+import signal
 
 import h5py
 import numpy as np
@@ -52,3 +54,19 @@ def test_fedavg_without_adjustment_has_no_shared_set(tmp_path):
     assert all(r["accuracy"] == r["accuracy_before_adjust"] for r in summary["per_round"])
     with h5py.File(out / "splits.h5", "r") as splits:
         assert "shared" not in splits
+
+
+def test_fedavg_stop_and_resume_is_bit_identical(tmp_path):
+    from test_resume import EXIT_RESUMABLE, finish, rank_pids, start, wait_for
+
+    longer = ["--set", "federated.rounds=8", "--set", "checkpoint.every=2", "--set", "federated.local_steps=20"]
+    _, whole = run(tmp_path, "whole", *longer)
+    parted = tmp_path / "parted"
+    proc = start([*FED, *longer, "--set", f"output.dir={parted}"])
+    wait_for(lambda: (parted / "checkpoints" / "step_00000002.h5").exists(), 120, "the first checkpoint")
+    os.kill(rank_pids(parted)[-1], signal.SIGUSR1)
+    status, stderr = finish(proc)
+    assert status == EXIT_RESUMABLE, stderr
+    resumed = run_mpi(4, ["run", "--resume", str(parted)], timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((parted / "summary.json").read_text())["param_hashes"] == whole["param_hashes"]
