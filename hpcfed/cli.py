@@ -12,12 +12,14 @@ import logging
 import os
 import platform
 import sys
+import time
 import traceback
 
 from hpcfed import __version__
 from hpcfed.errors import HpcfedError
 
 EXIT_USAGE = 2
+FORWARD_S = 1.0  # under hydra: time for the launcher to forward what the ranks printed before rank 0 aborts
 DESCRIPTION = """Communication-efficient, straggler-tolerant distributed and federated learning over MPI.
 
 Launch the training job (rank 0 = server, ranks 1.. = workers):
@@ -170,6 +172,7 @@ def _exit_everywhere(comm, status: int) -> int:
         MPI.Finalize()
         os._exit(status)
     if comm.Get_rank() == 0:
+        time.sleep(FORWARD_S)            # the launcher forwards output asynchronously; the abort would cut it
         silent = os.open(os.devnull, os.O_WRONLY)
         os.dup2(silent, 1)
         os.dup2(silent, 2)
