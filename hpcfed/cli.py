@@ -1,4 +1,4 @@
-"""Command line: ``hpcfed run | info`` (launched under mpiexec, or alone for ``info``/``--help``).
+"""Command line: ``hpcfed run | align | report | info`` (under mpiexec, or alone for ``report``/``info``/``--help``).
 
 User errors (HpcfedError) print one line and exit with status 2: cleanly on every
 rank when all ranks raised together, through MPI_Abort when only one rank did.

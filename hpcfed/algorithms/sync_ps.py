@@ -79,7 +79,8 @@ def apply_update(session: Session, codec: GradientCodec, update: Frame) -> None:
 
 def local_state(session: Session, codec: GradientCodec, combiner: Combiner | None = None) -> LocalState:
     """What this rank alone knows: codec state, fault RNGs, bytes sent so far (rank 0: the combiner)."""
-    parts = {"codec": codec.state_dict(), "combiner": combiner.state_dict() if combiner else {}}
+    codec_state = codec.state_dict() if session.cfg.compression.enabled else {}   # raw packets keep no state
+    parts = {"codec": codec_state, "combiner": combiner.state_dict() if combiner else {}}
     flat = {f"{part}/{k}": v for part, state in parts.items() for k, v in state.items()}
     arrays = {k: np.asarray(v) for k, v in flat.items() if isinstance(v, np.ndarray)}
     values = {k: v for k, v in flat.items() if not isinstance(v, np.ndarray)}
@@ -93,7 +94,8 @@ def load_local_state(session: Session, codec: GradientCodec, local: LocalState, 
     def part(name: str) -> dict:
         return {k.removeprefix(f"{name}/"): v for k, v in flat.items() if k.startswith(f"{name}/")}
 
-    codec.load_state_dict(part("codec"))
+    if session.cfg.compression.enabled:
+        codec.load_state_dict(part("codec"))
     if combiner is not None:
         combiner.load_state_dict(part("combiner"))
     session.channel.bytes_sent = int(local.values["bytes_sent"])
