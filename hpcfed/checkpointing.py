@@ -25,7 +25,7 @@ from hpcfed.runtime.comm import SERVER
 from hpcfed.session import Session
 
 MUTABLE = ("train.steps", "train.eval_every", "train.threads", "federated.rounds", "checkpoint", "faults",
-           "output.dir")
+           "output.dir", "device", "server_device", "mpi")
 
 
 @dataclass
@@ -42,8 +42,8 @@ def save(session: Session, step: int, local: LocalState) -> Path | None:
     gathered = comm.gather(local, root=SERVER)
     if not session.is_server:
         return None
-    arrays = {"model/params": session.model.params.numpy(),
-              "optimizer/state": export_state(session.model, session.optimizer).numpy()[session.model.size:]}
+    state = export_state(session.model, session.optimizer).cpu().numpy()
+    arrays = {"model/params": state[:session.model.size], "optimizer/state": state[session.model.size:]}
     values = {}
     for rank, state in enumerate(gathered):
         arrays.update({f"rank{rank}/{name}": np.asarray(a) for name, a in state.arrays.items()})
@@ -95,5 +95,5 @@ def restore(session: Session, checkpoint: Path | None) -> tuple[int, LocalState]
         parts = [LocalState({name.split("/", 1)[1]: a for name, a in arrays.items() if name.startswith(f"rank{r}/")},
                             values[f"rank{r}"]) for r in range(comm.Get_size())]
     step, flat = comm.bcast(shared, root=SERVER)
-    import_state(session.model, session.optimizer, torch.from_numpy(flat))
+    import_state(session.model, session.optimizer, torch.from_numpy(flat).to(session.model.params.device))
     return step, comm.scatter(parts, root=SERVER)

@@ -99,11 +99,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
     from mpi4py import MPI
 
-    from hpcfed.runtime.device import cuda_aware_decision, cupy_or_none
+    from hpcfed.runtime.device import cuda_aware_decision, cupy_or_none, node_local_rank, select_device, visible_gpus
+    from hpcfed.runtime.memory import choose_transfer
 
     comm = MPI.COMM_WORLD
     decision = cuda_aware_decision()
     agreed = comm.allreduce(int(decision.cuda_aware), op=MPI.MIN) == 1
+    gpus, has_cupy = visible_gpus()
+    placement = select_device("auto", *node_local_rank(comm), gpus, has_cupy)
+    transfer = choose_transfer("auto", placement.device != "cpu", agreed)
+    placements = comm.gather(f"rank {comm.Get_rank()}: {placement.device}, {transfer} ({placement.reason})")
     if comm.Get_rank() != 0:
         return 0
     cupy = cupy_or_none()
@@ -120,6 +125,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("cupy", f"{cupy.__version__}" if cupy else "not available"),
         ("CUDA-aware MPI", f"{'yes' if agreed else 'no'} ({decision.reason}"
                            f"{'' if agreed == decision.cuda_aware else '; not every rank agrees'})"),
+        ("GPUs (rank 0)", f"{gpus} visible to torch"),
+        *(("device: auto" if i == 0 else "", line) for i, line in enumerate(placements)),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -134,6 +134,15 @@ class CheckpointConfig(Section):
     keep: int = Field(3, ge=1, description="newest checkpoints kept")
 
 
+class MpiConfig(Section):
+    cuda_aware: Literal["auto", "true", "false"] = Field(
+        "auto", description="whether MPI takes GPU buffers; auto: env HPCFED_CUDA_AWARE, then the MPI info key "
+                            "mpi_memory_alloc_kinds, then MPIX_Query_cuda_support (agreed by every rank)")
+    transfer: Literal["auto", "host", "staged", "direct"] = Field(
+        "auto", description="how frames travel: auto = direct (CUDA-aware) or staged (pinned host) on GPUs, "
+                            "host on CPUs; staged/direct on CPU ranks exercise those paths")
+
+
 class OutputConfig(Section):
     dir: str | None = None
 
@@ -153,6 +162,10 @@ class Config(Section):
     faults: FaultsConfig = FaultsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     output: OutputConfig = OutputConfig()
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="worker ranks: one GPU each (by node-local rank) when there is one, else the CPU")
+    server_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="rank 0; auto: as `device`")
+    mpi: MpiConfig = MpiConfig()
 
     def to_yaml(self) -> str:
         """The resolved config as YAML text (what is saved with every run)."""

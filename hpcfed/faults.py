@@ -8,11 +8,13 @@ None of them changes what the other ranks compute.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
 from hpcfed.config import FaultsConfig
 from hpcfed.data.datasets import Dataset
+from hpcfed.runtime.device import array_module, to_numpy
 from hpcfed.seeding import rng
 
 
@@ -37,16 +39,18 @@ class Faults:
         """This rank's data, with labels randomly permuted if it has label noise."""
         if self.rank not in self.cfg.label_noise.ranks:
             return data
-        return Dataset(data.x, self.label_rng.permutation(data.y), data.num_classes, data.ids)
+        xp = array_module(data.y)
+        return Dataset(data.x, xp.asarray(self.label_rng.permutation(to_numpy(data.y))), data.num_classes, data.ids)
 
-    def update(self, values: np.ndarray) -> None:
-        """Corrupt an outgoing gradient or delta in place, if this rank has a gradient fault."""
+    def update(self, values: Any) -> None:
+        """Corrupt an outgoing gradient or delta (NumPy or CuPy) in place, if this rank has a gradient fault."""
+        xp = array_module(values)
         if self.rank in self.cfg.grad_scale.ranks:
             values *= np.float32(self.cfg.grad_scale.factor)
         if self.rank in self.cfg.grad_noise.ranks:
-            norm = float(np.linalg.norm(values))
+            norm = float(xp.linalg.norm(values))
             noise = self.noise.standard_normal(values.size).astype(np.float32)
-            values[:] = noise * np.float32(norm / max(float(np.linalg.norm(noise)), 1e-30))
+            values[:] = xp.asarray(noise * np.float32(norm / max(float(np.linalg.norm(noise)), 1e-30)))
 
     def state(self) -> dict:
         return {"delays": self.delays.bit_generator.state, "noise": self.noise.bit_generator.state}

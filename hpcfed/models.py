@@ -76,8 +76,9 @@ class FlatModel:
         self.module = model
         params = list(model.parameters())
         total = sum(p.numel() for p in params)
-        self.params = torch.zeros(total, dtype=torch.float32)
-        self.grads = torch.zeros(total, dtype=torch.float32)
+        device = params[0].device   # the flat vectors live where the model was placed (CPU or its GPU)
+        self.params = torch.zeros(total, dtype=torch.float32, device=device)
+        self.grads = torch.zeros(total, dtype=torch.float32, device=device)
         offset = 0
         for p in params:
             n = p.numel()

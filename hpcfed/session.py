@@ -30,6 +30,9 @@ from hpcfed.faults import Faults
 from hpcfed.models import FlatModel, build_model
 from hpcfed.optim import make_optimizer
 from hpcfed.runtime.comm import SERVER, Channel, agree
+from hpcfed.runtime.device import (CudaAwareness, Placement, cuda_aware_decision, node_local_rank, select_device,
+                                   visible_gpus)
+from hpcfed.runtime.memory import Memory, choose_transfer
 
 LAUNCH_HINT = "mpiexec -n 4 python -m mpi4py -m hpcfed run [CONFIG]"
 
@@ -54,6 +57,17 @@ class Session:
     faults: Faults | None = None    # fault injection on this rank (faults.*)
     started: float = field(default_factory=time.monotonic)
     bytes_data: int = 0           # start-up data hand-out, counted on rank 0
+    placement: Placement = Placement("cpu", "default")   # this rank's device
+    memory: Memory = field(default_factory=lambda: Memory("host"))   # where its frames live
+    cuda_aware: CudaAwareness = CudaAwareness(False, "not decided")  # agreed by every rank
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.torch_device
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A host array as a tensor on this rank's device."""
+        return torch.from_numpy(array).to(self.device)
 
     @property
     def rank(self) -> int:
@@ -98,6 +112,7 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm,
     cfg, checkpoint = comm.bcast(agree(comm, configure), root=SERVER)
     torch.set_num_threads(cfg.train.threads)
     channel = Channel(comm)
+    placement, memory, cuda_aware = place_rank(cfg, comm)
     n_workers = comm.Get_size() - 1
 
     def prepare() -> tuple[Dataset, Dataset | None, list[Dataset], Assignment, Path]:
@@ -128,15 +143,51 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm,
             held = {f"{b}/{name}": getattr(blocks[b], name) for b in assignment.blocks_of(worker - 1) for name in "xy"}
             bytes_data += channel.send_arrays(held, worker)
     else:
-        arrays = channel.recv_arrays(SERVER)
+        arrays = channel.recv_arrays(SERVER, memory)
         mine = {b: faults.labels(Dataset(arrays[f"{b}/x"], arrays[f"{b}/y"], num_classes))
                 for b in assignment.blocks_of(channel.rank - 1)}
 
-    model = FlatModel(build_model(cfg.model, sample_shape, num_classes, cfg.seed))
-    comm.Bcast(model.params.numpy(), root=SERVER)
+    placement.activate()
+    model = FlatModel(build_model(cfg.model, sample_shape, num_classes, cfg.seed).to(placement.torch_device))
+    initial = model.params.cpu().numpy()
+    comm.Bcast(initial, root=SERVER)
+    model.params.copy_(torch.from_numpy(initial))
     return Session(cfg, channel, model, make_optimizer(cfg.train, model), assignment, mine, test, run_dir, log,
                    shared=shared_set, validation=validation, block_sizes=[len(b) for b in blocks],
-                   bytes_data=bytes_data, checkpoint=checkpoint, faults=faults)
+                   bytes_data=bytes_data, checkpoint=checkpoint, faults=faults, placement=placement,
+                   memory=memory, cuda_aware=cuda_aware)
+
+
+def place_rank(cfg: Config, comm: MPI.Comm) -> tuple[Placement, Memory, CudaAwareness]:
+    """Collective: this rank's device, the agreed CUDA-aware decision, and the transfer path.
+
+    Any rank that cannot honour ``device: cuda`` or ``mpi.transfer`` ends every rank with one line.
+    """
+    rank = comm.Get_rank()
+    setting = cfg.server_device if rank == SERVER and cfg.server_device != "auto" else cfg.device
+    local_rank, source = node_local_rank(comm)
+    problem, placement = None, Placement("cpu", "fedavg trains on the CPU")
+    if cfg.algorithm == "fedavg" and setting == "cuda":
+        problem = "device: cuda is supported by algorithm sync; fedavg trains on the CPU (use device: cpu or auto)"
+    elif cfg.algorithm == "sync":
+        try:
+            placement = select_device(setting, local_rank, source, *visible_gpus() if setting != "cpu" else (0, False))
+        except ValueError as err:
+            problem = f"{'server_device' if rank == SERVER and cfg.server_device != 'auto' else 'device'}: cuda " \
+                      f"on rank {rank}: {err}"
+    decision = cuda_aware_decision(cfg.mpi.cuda_aware)
+    agreed = comm.allreduce(int(decision.cuda_aware), op=MPI.MIN) == 1
+    cuda_aware = CudaAwareness(agreed, decision.reason if agreed == decision.cuda_aware
+                               else f"not on every rank (here: {decision.reason})")
+    on_gpu = placement.device != "cpu"
+    try:
+        transfer = choose_transfer(cfg.mpi.transfer, on_gpu, agreed)
+    except ValueError as err:
+        problem = problem or f"mpi.transfer: {cfg.mpi.transfer} on rank {rank}: {err}"
+    problems = [p for p in comm.allgather(problem) if p]
+    if problems:
+        raise HpcfedError(problems[0], everywhere=True)
+    return placement, Memory(transfer, placement.xp), cuda_aware
 
 
 def data_layout(cfg: Config, train: Dataset, n_workers: int) -> tuple[Assignment, list[Dataset], Dataset | None]:
@@ -242,7 +293,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def parameter_hash(model: FlatModel) -> str:
     """SHA-256 of the flat parameter bytes: equal hashes mean bit-identical replicas."""
-    return hashlib.sha256(model.params.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(model.params.cpu().numpy().tobytes()).hexdigest()
 
 
 def finish(session: Session, summary: dict) -> dict | None:

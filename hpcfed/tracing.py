@@ -16,18 +16,17 @@ from mpi4py import MPI
 from hpcfed import __version__
 from hpcfed.io.trace import TraceWriter
 from hpcfed.runtime.comm import SERVER
-from hpcfed.runtime.device import cuda_aware_decision
 from hpcfed.session import Session
 
 
 def open_trace(session: Session, step_columns: list[str], worker_columns: list[str],
                resume_step: int | None) -> TraceWriter | None:
-    """Collective (host names, CUDA-aware decision); rank 0 creates RUN_DIR/trace.h5, or reopens it
+    """Collective (host names, devices); rank 0 creates RUN_DIR/trace.h5, or reopens it
     on resume, truncated to the checkpoint's step."""
     comm = session.channel.comm
     hosts = comm.gather(socket.gethostname(), root=SERVER)
-    decision = cuda_aware_decision()
-    cuda_aware = comm.allreduce(int(decision.cuda_aware), op=MPI.MIN) == 1
+    devices = comm.gather(f"{session.placement.device} ({session.placement.reason}; transfer "
+                          f"{session.memory.transfer})", root=SERVER)
     if not session.is_server:
         return None
     path = session.run_dir / "trace.h5"
@@ -45,9 +44,10 @@ def open_trace(session: Session, step_columns: list[str], worker_columns: list[s
         "h5py": h5py.__version__,
         "mpi4py": mpi4py.__version__,
         "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
-        "cuda_aware_mpi": cuda_aware,
-        "cuda_aware_reason": decision.reason,
+        "cuda_aware_mpi": session.cuda_aware.cuda_aware,
+        "cuda_aware_reason": session.cuda_aware.reason,
         "hosts": json.dumps(hosts),
+        "devices": json.dumps(devices),
         "world_size": comm.Get_size(),
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -17,6 +17,7 @@ from hpcfed.aggregation.actor_critic import ActorCriticWeighter
 from hpcfed.aggregation.robust import coordinate_median, trimmed_mean
 from hpcfed.aggregation.weights import aggregate
 from hpcfed.coding import combine_block_gradients
+from hpcfed.runtime.device import to_numpy
 
 
 class Combiner:
@@ -43,7 +44,7 @@ class Combiner:
             return coordinate_median(updates), np.full(len(updates), np.nan)
         if rule == "trimmed_mean":
             return trimmed_mean(updates, self.cfg.trim), np.full(len(updates), np.nan)
-        weights = self.learner.weights(list(nodes), np.stack(updates))
+        weights = self.learner.weights(list(nodes), np.stack([to_numpy(u) for u in updates]))   # features on the host
         return aggregate(updates, weights), weights
 
     def feedback(self, reward: float) -> None:

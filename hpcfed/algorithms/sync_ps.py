@@ -21,6 +21,7 @@ rank 0 first brings every worker to the same step, then all ranks write the chec
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from hpcfed.coding import CompletionTracker, block_batch
 from hpcfed.errors import HpcfedError
 from hpcfed.optim import export_state, import_state, state_size
 from hpcfed.runtime.comm import HEADER, SERVER, Flag, Frame, Kind, Tag
+from hpcfed.runtime.device import as_array, as_tensor, to_numpy
 from hpcfed.runtime.inbox import Inbox
 from hpcfed.runtime.log import Progress
 from hpcfed.runtime.stop import EXIT_RESUMABLE, StopRequest
@@ -56,8 +58,14 @@ def block_batch_size(session: Session) -> int:
 
 
 def make_codec(session: Session) -> GradientCodec:
-    """This rank's codec (raw fp32 packets when compression is off)."""
-    return GradientCodec(session.model.size, session.cfg.compression, seed=session.cfg.seed, rank=session.rank)
+    """This rank's codec (raw fp32 packets when compression is off), on the rank's device."""
+    return GradientCodec(session.model.size, session.cfg.compression, session.placement.xp, seed=session.cfg.seed,
+                         rank=session.rank)
+
+
+def gradient_array(session: Session) -> Any:
+    """The model's flat gradient as an array of the rank's array module (same memory: NumPy or CuPy)."""
+    return as_array(session.model.grads, session.placement.xp)
 
 
 def checkpoint_due(session: Session, step: int) -> bool:
@@ -69,9 +77,9 @@ def apply_update(session: Session, codec: GradientCodec, update: Frame) -> None:
     """Every rank: decode the aggregate's packet into the gradient, step the optimizer, and
     install the next kernel if the update carries one (after decoding: the packet used the old one)."""
     step = int(update.field("step"))
-    payload = update.payload()
+    payload = update.data()
     size = codec.payload_nbytes(step)
-    codec.decode(payload[:size], step, out=session.model.grads.numpy())
+    codec.decode(payload[:size], step, out=gradient_array(session))
     session.optimizer.step()
     if payload.size > size:
         codec.install_kernel(payload[size:])
@@ -115,13 +123,14 @@ class Server:
         self.codec = make_codec(session)
         capacity = 4 * session.model.size + self.codec.max_kernel_nbytes()
         per_worker = max(len(b) for b in session.assignment.blocks)
-        self.inbox = Inbox(self.channel, range(1, workers + 1), per_worker, capacity, Tag.UPLINK)
-        self.block_grads = {b: np.zeros(session.model.size, np.float32) for b in range(session.assignment.n_blocks)}
+        memory, xp = session.memory, session.placement.xp
+        self.inbox = Inbox(self.channel, range(1, workers + 1), per_worker, capacity, Tag.UPLINK, memory)
+        self.block_grads = {b: xp.zeros(session.model.size, xp.float32) for b in range(session.assignment.n_blocks)}
         self.local_kernels: dict[int, np.ndarray] = {}
-        self.update = Frame(capacity)
+        self.update = Frame(capacity, memory)
         self.update_sends: list[MPI.Request] = []
         state_bytes = 4 * (session.model.size + state_size(session.optimizer)) + self.codec.max_kernel_nbytes()
-        self.resync = {w: Frame(state_bytes) for w in range(1, workers + 1)}
+        self.resync = {w: Frame(state_bytes, memory) for w in range(1, workers + 1)}
         self.resync_sends: dict[int, MPI.Request] = {}
         self.answered = np.zeros(workers + 1, dtype=np.int64)   # last worker-step answered, by rank
         self.synced_to = np.zeros(workers + 1, dtype=np.int64)  # step each worker's state reaches once answered
@@ -135,7 +144,7 @@ class Server:
         self.wait_total = 0.0
         self.combiner = Combiner(session.cfg.aggregation, workers, session.cfg.seed)
         validation = session.validation
-        self.validation = None if validation is None else (torch.from_numpy(validation.x), torch.from_numpy(validation.y))
+        self.validation = None if validation is None else (session.tensor(validation.x), session.tensor(validation.y))
         self.used_steps = np.zeros(workers)                     # steps in which each worker's blocks were used
         self.step_bytes = np.zeros(workers)
 
@@ -164,7 +173,7 @@ class Server:
         codec, size = self.codec, self.codec.payload_nbytes(step)
         clock = time.monotonic()
         frames = {block: self.inbox.frames[index] for block, index in held.items()}
-        grads = {block: codec.decode(frame.payload()[:size], step, out=self.block_grads[block])
+        grads = {block: codec.decode(frame.data()[:size], step, out=self.block_grads[block])
                  for block, frame in frames.items()}
         t_decode, clock = time.monotonic() - clock, time.monotonic()
         order = sorted(grads)   # block order: the sum is the same bytes whatever arrived first
@@ -239,7 +248,7 @@ class Server:
                 arrival[sender - 1] = time.monotonic() - start
             payload, size = frame.payload(), self.codec.payload_nbytes(step)
             if payload.size > size:   # a local kernel rides along (once per worker and refresh)
-                self.local_kernels[sender] = payload[size:].copy()
+                self.local_kernels[sender] = to_numpy(payload[size:]).copy()
                 self.kernel_bytes += payload.size - size
             if self.tracker.add(sender - 1, block):
                 held[block] = index
@@ -254,7 +263,7 @@ class Server:
         if pending is not None:
             pending.Wait()
         frame = self.resync[worker]
-        state = export_state(self.session.model, self.session.optimizer).numpy()
+        state = as_array(export_state(self.session.model, self.session.optimizer), self.session.placement.xp)
         nbytes = frame.write([state, self.codec.kernel_payload()], step=self.completed, kind=Kind.RESYNC,
                              sender=SERVER, version=self.codec.version, flags=self.flags)
         self.resync_sends[worker] = self.channel.isend(frame, nbytes, worker)
@@ -282,7 +291,7 @@ def server(session: Session) -> dict | int:
         load_local_state(session, state.codec, local, state.combiner)
         state.start_at(first)
     trace = open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, first if session.checkpoint else None)
-    x_test, y_test = torch.from_numpy(session.test.x), torch.from_numpy(session.test.y)
+    x_test, y_test = session.tensor(session.test.x), session.tensor(session.test.y)
     progress = Progress(cfg.train.steps, initial=first)
     last_eval: dict = {}
     loop_start = time.monotonic()
@@ -337,7 +346,8 @@ def server(session: Session) -> dict | int:
 
 def worker(session: Session) -> int | None:
     cfg, channel, model = session.cfg, session.channel, session.model
-    blocks = {b: (torch.from_numpy(d.x), torch.from_numpy(d.y)) for b, d in session.blocks.items()}
+    device = session.device
+    blocks = {b: (as_tensor(d.x).to(device), as_tensor(d.y).to(device)) for b, d in session.blocks.items()}
     batch = block_batch_size(session)
     codec = make_codec(session)
     step = 1
@@ -348,15 +358,16 @@ def worker(session: Session) -> int | None:
     open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, None)
     stop = StopRequest()
     state_floats = model.size + state_size(session.optimizer)
-    outbox = Frame(4 * model.size + codec.max_kernel_nbytes())
-    inbox = Frame(4 * state_floats + codec.max_kernel_nbytes())
+    outbox = Frame(4 * model.size + codec.max_kernel_nbytes(), session.memory)
+    inbox = Frame(4 * state_floats + codec.max_kernel_nbytes(), session.memory)
+    grads = gradient_array(session)
     while step <= cfg.train.steps:
         session.faults.straggle()
         for position, (block, (x, y)) in enumerate(blocks.items()):
-            rows = torch.from_numpy(block_batch(len(y), batch, cfg.seed, block, step))
+            rows = torch.from_numpy(block_batch(len(y), batch, cfg.seed, block, step)).to(device)
             loss = compute_gradient(session, x[rows], y[rows], step)
-            session.faults.update(model.grads.numpy())
-            packet = codec.encode(model.grads.numpy(), step)
+            session.faults.update(grads)
+            packet = codec.encode(grads, step)
             kernel = codec.local_kernel() if position == 0 and codec.kernel_due(step + 1) else packet[:0]
             nbytes = outbox.write([packet, kernel], step=step, kind=Kind.GRADIENT, sender=session.rank,
                                   block=block, version=codec.version, metric=loss,
@@ -366,8 +377,8 @@ def worker(session: Session) -> int | None:
         if inbox.field("kind") == Kind.UPDATE:
             apply_update(session, codec, inbox)
         else:   # RESYNC: this step closed without us; take rank 0's state and kernel, and rejoin
-            payload = inbox.payload()
-            import_state(model, session.optimizer, torch.from_numpy(payload[:4 * state_floats].view(np.float32)))
+            payload = inbox.data()
+            import_state(model, session.optimizer, as_tensor(payload[:4 * state_floats].view(np.float32)))
             codec.install_kernel(payload[4 * state_floats:], any_version=True)
         step = int(inbox.field("step")) + 1
         if inbox.field("flags") & Flag.CHECKPOINT:

@@ -4,6 +4,8 @@ A message is one contiguous uint8 buffer: a fixed 48-byte header (step, kind,
 sender, block, kernel version, payload length, one float metric, flags) followed by the
 payload. Frames are allocated once and reused, travel with upper-case mpi4py calls
 (no pickling on the hot path), and every byte is counted by the rank that sends it.
+A frame lives where its :class:`~hpcfed.runtime.memory.Memory` says (host, pinned host
+staging, or device memory for CUDA-aware MPI).
 The MPI tag is the direction (uplink, downlink, ...); the header says what the frame
 carries and for which step, so receivers can drop stale messages.
 """
@@ -11,12 +13,14 @@ carries and for which step, so receivers can drop stale messages.
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 from mpi4py import MPI
 
 from hpcfed.errors import HpcfedError
+from hpcfed.runtime.device import array_module, copy_into
+from hpcfed.runtime.memory import HOST, Memory
 
 HEADER = np.dtype([
     ("step", "<i8"), ("kind", "<i4"), ("sender", "<i4"), ("block", "<i4"),
@@ -60,37 +64,55 @@ TAG_OF = {Kind.GRADIENT: Tag.UPLINK, Kind.DELTA: Tag.UPLINK, Kind.UPDATE: Tag.DO
 
 
 class Frame:
-    """A reusable message buffer: header + up to ``capacity`` payload bytes."""
+    """A reusable message buffer: header + up to ``capacity`` payload bytes, in ``memory``.
 
-    def __init__(self, capacity: int) -> None:
-        self.buffer = np.zeros(HEADER.itemsize + capacity, dtype=np.uint8)
-        self.head = self.buffer[:HEADER.itemsize].view(HEADER)
+    The header is read and written on the host: in place for host frames, through a
+    48-byte mirror for device frames (copied in by :meth:`write`, out by :meth:`arrived`).
+    """
+
+    def __init__(self, capacity: int, memory: Memory = HOST) -> None:
+        self.memory = memory
+        self.buffer = memory.frame_buffer(HEADER.itemsize + capacity)
+        self.twin = memory.twin(capacity)
+        self.head = (self.buffer[:HEADER.itemsize] if memory.host_frames else np.zeros(HEADER.itemsize, np.uint8)
+                     ).view(HEADER)
 
     @property
     def capacity(self) -> int:
         return self.buffer.size - HEADER.itemsize
 
-    def write(self, payload: np.ndarray | Sequence[np.ndarray], *, step: int, kind: Kind, sender: int,
+    def write(self, payload: Any, *, step: int, kind: Kind, sender: int,
               block: int = 0, version: int = 0, metric: float = 0.0, flags: int = 0) -> int:
-        """Copy the payload (one array, or parts laid end to end) in behind a filled header.
+        """Copy the payload (one array, or parts laid end to end; host or device) in behind a filled header.
 
         Returns the message size in bytes.
         """
-        parts = [payload] if isinstance(payload, np.ndarray) else list(payload)
+        parts = list(payload) if isinstance(payload, (list, tuple)) else [payload]
         end = HEADER.itemsize
         for part in parts:
-            raw = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+            raw = array_module(part).ascontiguousarray(part).reshape(-1).view(np.uint8)
             if end + raw.size > self.buffer.size:
                 raise ValueError(f"payload exceeds the frame capacity {self.capacity}")
-            self.buffer[end:end + raw.size] = raw
+            copy_into(self.buffer[end:end + raw.size], raw)
             end += raw.size
         self.head[0] = (step, int(kind), sender, block, version, end - HEADER.itemsize, metric, int(flags))
+        if not self.memory.host_frames:
+            copy_into(self.buffer[:HEADER.itemsize], self.head.view(np.uint8))
         return end
 
-    def payload(self, dtype: np.dtype | type = np.uint8) -> np.ndarray:
-        """The received payload (a view), as ``dtype``."""
+    def arrived(self) -> None:
+        """After a receive completed: refresh the host header of a device frame."""
+        if not self.memory.host_frames:
+            copy_into(self.head.view(np.uint8), self.buffer[:HEADER.itemsize])
+
+    def payload(self, dtype: np.dtype | type = np.uint8) -> Any:
+        """The received payload (a view in the frame's memory), as ``dtype``."""
         length = int(self.head["length"][0])
         return self.buffer[HEADER.itemsize:HEADER.itemsize + length].view(dtype)
+
+    def data(self) -> Any:
+        """The received payload bytes where the compute side works (staged: copied into the device twin)."""
+        return self.memory.to_compute(self.payload(), self.twin)
 
     def field(self, name: str) -> int | float:
         return self.head[name][0].item()
@@ -105,20 +127,29 @@ class Channel:
         self.size = comm.Get_size()
         self.bytes_sent = 0
 
+    @staticmethod
+    def _message(frame: Frame, nbytes: int | None = None) -> list:
+        """The MPI buffer spec of a frame (its first ``nbytes``, or all of it to receive)."""
+        frame.memory.ready()
+        view = frame.buffer if nbytes is None else frame.buffer[:nbytes]
+        return [frame.memory.for_mpi(view), MPI.BYTE]
+
     def send(self, frame: Frame, nbytes: int, dest: int) -> None:
-        self.comm.Send([frame.buffer[:nbytes], MPI.BYTE], dest=dest, tag=self._tag(frame))
+        self.comm.Send(self._message(frame, nbytes), dest=dest, tag=self._tag(frame))
         self.bytes_sent += nbytes
 
     def isend(self, frame: Frame, nbytes: int, dest: int) -> MPI.Request:
         """Non-blocking send; the frame must not change until the request completes."""
         self.bytes_sent += nbytes
-        return self.comm.Isend([frame.buffer[:nbytes], MPI.BYTE], dest=dest, tag=self._tag(frame))
+        return self.comm.Isend(self._message(frame, nbytes), dest=dest, tag=self._tag(frame))
 
     def recv(self, frame: Frame, source: int, tag: Tag) -> None:
-        self.comm.Recv([frame.buffer, MPI.BYTE], source=source, tag=int(tag))
+        self.comm.Recv(self._message(frame), source=source, tag=int(tag))
+        frame.arrived()
 
     def irecv(self, frame: Frame, source: int, tag: Tag) -> MPI.Request:
-        return self.comm.Irecv([frame.buffer, MPI.BYTE], source=source, tag=int(tag))
+        """Non-blocking receive; call ``frame.arrived()`` once it completes (:class:`Inbox` does)."""
+        return self.comm.Irecv(self._message(frame), source=source, tag=int(tag))
 
     @staticmethod
     def _tag(frame: Frame) -> int:
@@ -126,7 +157,8 @@ class Channel:
 
     def bcast(self, frame: Frame, nbytes: int, root: int = SERVER) -> None:
         """Collective broadcast of the first ``nbytes`` of ``frame``; the root counts one copy per receiver."""
-        self.comm.Bcast([frame.buffer[:nbytes], MPI.BYTE], root=root)
+        self.comm.Bcast(self._message(frame, nbytes), root=root)
+        frame.arrived()
         if self.rank == root:
             self.bytes_sent += nbytes * (self.size - 1)
 
@@ -140,12 +172,14 @@ class Channel:
             sent += contiguous.nbytes
         return sent
 
-    def recv_arrays(self, source: int) -> dict[str, np.ndarray]:
+    def recv_arrays(self, source: int, memory: Memory = HOST) -> dict[str, Any]:
+        """The arrays of :meth:`send_arrays`, received where ``memory`` keeps data (device memory when direct)."""
         layout = self.comm.recv(source=source, tag=int(Tag.DATA))
         arrays = {}
         for name, (dtype, shape) in layout.items():
-            arrays[name] = np.empty(shape, dtype=np.dtype(dtype))
-            self.comm.Recv(arrays[name], source=source, tag=int(Tag.DATA))
+            raw = memory.data_buffer(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            self.comm.Recv([memory.for_mpi(raw), MPI.BYTE], source=source, tag=int(Tag.DATA))
+            arrays[name] = raw.view(np.dtype(dtype)).reshape(shape)
         return arrays
 
 

@@ -1,0 +1,57 @@
+"""The three transfer paths under real mpiexec on CPU ranks, and device errors."""
+
+import json
+
+import h5py
+import pytest
+import torch
+
+from conftest import run_mpi
+from hpcfed.io import read_attrs
+
+pytestmark = pytest.mark.mpi
+RUN = ["run", "--set", "train.steps=12", "--set", "train.eval_every=6", "--set", "compression.enabled=true",
+       "--set", "compression.warmup_steps=2", "--set", "compression.refresh_every=4"]
+
+
+def test_staged_and_direct_paths_train_bit_identically_to_host(tmp_path):
+    hashes = {}
+    for transfer in ("host", "staged", "direct"):
+        out = tmp_path / transfer
+        result = run_mpi(4, [*RUN, "--set", f"mpi.transfer={transfer}", "--set", f"output.dir={out}"], timeout=180)
+        assert result.returncode == 0, result.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["replicas_identical"] and summary["kernel_bytes"] > 0
+        hashes[transfer] = summary["param_hashes"][0]
+        with h5py.File(out / "trace.h5", "r") as trace:
+            attrs = read_attrs(trace)
+        devices = json.loads(attrs["devices"])
+        assert len(devices) == 4 and all(f"transfer {transfer}" in d for d in devices)
+        assert not attrs["cuda_aware_mpi"] and "mpi_memory_alloc_kinds" in attrs["cuda_aware_reason"]
+    assert hashes["staged"] == hashes["direct"] == hashes["host"]
+
+
+@pytest.mark.parametrize("transfer", ["staged", "direct"])
+def test_coded_straggler_is_resynced_through_the_path(tmp_path, transfer):
+    straggler = ["--set", "coding.enabled=true", "--set", "faults.stragglers.ranks=[2]",
+                 "--set", "faults.stragglers.delay_s=1.0"]
+    result = run_mpi(4, ["run", "--set", "train.steps=8", "--set", "train.eval_every=8", *straggler,
+                         "--set", f"mpi.transfer={transfer}", "--set", f"output.dir={tmp_path}"], timeout=180)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resyncs"] >= 1 and summary["replicas_identical"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("args, expected", [
+    (["--set", "device=cuda"], "device: cuda on rank 0: torch sees no CUDA GPU"),
+    (["--set", "device=cpu", "--set", "server_device=cuda"], "server_device: cuda on rank 0: torch sees no CUDA GPU"),
+    (["--set", "algorithm=fedavg", "--set", "device=cuda"], "device: cuda is supported by algorithm sync"),
+    (["--set", "device=gpu"], "device"),
+])
+def test_device_errors_give_one_line_and_status_2(tmp_path, args, expected):
+    result = run_mpi(3, ["run", *args, "--set", f"output.dir={tmp_path / 'out'}"], timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
