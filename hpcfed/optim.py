@@ -44,7 +44,8 @@ def state_size(optimizer: torch.optim.Optimizer) -> int:
 
 def export_state(model: FlatModel, optimizer: torch.optim.Optimizer) -> torch.Tensor:
     """Parameters followed by the optimizer state, as one flat fp32 vector."""
-    return torch.cat([model.params, *(t.reshape(-1).float() for t in state_tensors(optimizer))])
+    device = model.params.device   # Adam keeps its step count on the CPU even for GPU parameters
+    return torch.cat([model.params, *(t.reshape(-1).float().to(device) for t in state_tensors(optimizer))])
 
 
 def import_state(model: FlatModel, optimizer: torch.optim.Optimizer, flat: torch.Tensor) -> None:

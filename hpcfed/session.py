@@ -113,6 +113,7 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm,
     torch.set_num_threads(cfg.train.threads)
     channel = Channel(comm)
     placement, memory, cuda_aware = place_rank(cfg, comm)
+    placement.activate()   # before anything lands on the GPU (direct transfers receive data into device memory)
     n_workers = comm.Get_size() - 1
 
     def prepare() -> tuple[Dataset, Dataset | None, list[Dataset], Assignment, Path]:
@@ -147,7 +148,6 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm,
         mine = {b: faults.labels(Dataset(arrays[f"{b}/x"], arrays[f"{b}/y"], num_classes))
                 for b in assignment.blocks_of(channel.rank - 1)}
 
-    placement.activate()
     model = FlatModel(build_model(cfg.model, sample_shape, num_classes, cfg.seed).to(placement.torch_device))
     initial = model.params.cpu().numpy()
     comm.Bcast(initial, root=SERVER)

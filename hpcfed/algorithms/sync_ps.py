@@ -73,16 +73,13 @@ def checkpoint_due(session: Session, step: int) -> bool:
     return step == session.cfg.train.steps or (every > 0 and step % every == 0)
 
 
-def apply_update(session: Session, codec: GradientCodec, update: Frame) -> None:
+def apply_update(session: Session, codec: GradientCodec, step: int, packet: Any, kernel: Any) -> None:
     """Every rank: decode the aggregate's packet into the gradient, step the optimizer, and
     install the next kernel if the update carries one (after decoding: the packet used the old one)."""
-    step = int(update.field("step"))
-    payload = update.data()
-    size = codec.payload_nbytes(step)
-    codec.decode(payload[:size], step, out=gradient_array(session))
+    codec.decode(packet, step, out=gradient_array(session))
     session.optimizer.step()
-    if payload.size > size:
-        codec.install_kernel(payload[size:])
+    if kernel.size:
+        codec.install_kernel(kernel)
 
 
 def local_state(session: Session, codec: GradientCodec, combiner: Combiner | None = None) -> LocalState:
@@ -127,10 +124,10 @@ class Server:
         self.inbox = Inbox(self.channel, range(1, workers + 1), per_worker, capacity, Tag.UPLINK, memory)
         self.block_grads = {b: xp.zeros(session.model.size, xp.float32) for b in range(session.assignment.n_blocks)}
         self.local_kernels: dict[int, np.ndarray] = {}
-        self.update = Frame(capacity, memory)
+        self.update = Frame(capacity, memory, receives=False)
         self.update_sends: list[MPI.Request] = []
         state_bytes = 4 * (session.model.size + state_size(session.optimizer)) + self.codec.max_kernel_nbytes()
-        self.resync = {w: Frame(state_bytes, memory) for w in range(1, workers + 1)}
+        self.resync = {w: Frame(state_bytes, memory, receives=False) for w in range(1, workers + 1)}
         self.resync_sends: dict[int, MPI.Request] = {}
         self.answered = np.zeros(workers + 1, dtype=np.int64)   # last worker-step answered, by rank
         self.synced_to = np.zeros(workers + 1, dtype=np.int64)  # step each worker's state reaches once answered
@@ -201,7 +198,7 @@ class Server:
         self.answered[arrived] = step
         self.synced_to[arrived] = step
         before = self._validation_loss()
-        apply_update(self.session, codec, self.update)
+        apply_update(self.session, codec, step, packet, kernel)   # the bytes just sent: same result everywhere
         if self.combiner.learns:
             self.combiner.feedback(before - self._validation_loss())
         self.completed = step
@@ -358,7 +355,7 @@ def worker(session: Session) -> int | None:
     open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, None)
     stop = StopRequest()
     state_floats = model.size + state_size(session.optimizer)
-    outbox = Frame(4 * model.size + codec.max_kernel_nbytes(), session.memory)
+    outbox = Frame(4 * model.size + codec.max_kernel_nbytes(), session.memory, receives=False)
     inbox = Frame(4 * state_floats + codec.max_kernel_nbytes(), session.memory)
     grads = gradient_array(session)
     while step <= cfg.train.steps:
@@ -375,7 +372,9 @@ def worker(session: Session) -> int | None:
             channel.send(outbox, nbytes, SERVER)
         channel.recv(inbox, SERVER, Tag.DOWNLINK)
         if inbox.field("kind") == Kind.UPDATE:
-            apply_update(session, codec, inbox)
+            update_step, payload = int(inbox.field("step")), inbox.data()
+            size = codec.payload_nbytes(update_step)
+            apply_update(session, codec, update_step, payload[:size], payload[size:])
         else:   # RESYNC: this step closed without us; take rank 0's state and kernel, and rejoin
             payload = inbox.data()
             import_state(model, session.optimizer, as_tensor(payload[:4 * state_floats].view(np.float32)))

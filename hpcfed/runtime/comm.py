@@ -70,10 +70,10 @@ class Frame:
     48-byte mirror for device frames (copied in by :meth:`write`, out by :meth:`arrived`).
     """
 
-    def __init__(self, capacity: int, memory: Memory = HOST) -> None:
+    def __init__(self, capacity: int, memory: Memory = HOST, receives: bool = True) -> None:
         self.memory = memory
         self.buffer = memory.frame_buffer(HEADER.itemsize + capacity)
-        self.twin = memory.twin(capacity)
+        self.twin = memory.twin(capacity) if receives else None   # send-only frames need no device twin
         self.head = (self.buffer[:HEADER.itemsize] if memory.host_frames else np.zeros(HEADER.itemsize, np.uint8)
                      ).view(HEADER)
 
@@ -168,7 +168,7 @@ class Channel:
         sent = 0
         for array in arrays.values():
             contiguous = np.ascontiguousarray(array)
-            self.comm.Send(contiguous, dest=dest, tag=int(Tag.DATA))
+            self.comm.Send([contiguous.reshape(-1).view(np.uint8), MPI.BYTE], dest=dest, tag=int(Tag.DATA))
             sent += contiguous.nbytes
         return sent
 

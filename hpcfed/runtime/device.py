@@ -76,8 +76,9 @@ def copy_into(dst: Any, src: Any) -> None:
 
 
 def synchronize(xp: ModuleType) -> None:
-    """Wait for the current CUDA stream, so device buffers are complete before MPI reads them."""
+    """Wait for torch's and CuPy's current CUDA streams, so device buffers are complete before MPI reads them."""
     if xp is not np:
+        torch.cuda.current_stream().synchronize()
         xp.cuda.get_current_stream().synchronize()
 
 

@@ -1,8 +1,8 @@
 """Where a rank's message frames live, and how compute arrays get in and out of them.
 
 - ``host``: CPU ranks. Frames are NumPy arrays that compute code reads in place.
-- ``staged``: GPU ranks whose MPI is not CUDA-aware. Frames are pinned host buffers, each with
-  a device twin, all allocated once: a device packet is copied into the pinned frame before a
+- ``staged``: GPU ranks whose MPI is not CUDA-aware. Frames are pinned host buffers, receiving
+  ones with a device twin, all allocated once: a device packet is copied into the pinned frame before a
   send, and a received payload is copied into the twin before the GPU decodes it.
 - ``direct``: GPU ranks with CUDA-aware MPI. Frames are device arrays, handed to the upper-case
   mpi4py calls after a stream synchronisation (the header is mirrored on the host).

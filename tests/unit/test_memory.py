@@ -91,6 +91,7 @@ def test_no_buffer_is_allocated_per_step(transfer):
         frame.arrived()
         assert frame.data().view(np.float32)[0] == step
     assert memory.allocations == before == (2 if transfer == "staged" else 1)   # frame (+ its device twin)
+    assert Frame(8, memory, receives=False).twin is None   # send-only frames need no twin
 
 
 @pytest.mark.parametrize("setting, on_gpu, aware, expected", [
