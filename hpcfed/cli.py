@@ -99,16 +99,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
     from mpi4py import MPI
 
-    from hpcfed.runtime.device import cuda_aware_decision, cupy_or_none, node_local_rank, select_device, visible_gpus
-    from hpcfed.runtime.memory import choose_transfer
+    from hpcfed.config import Config
+    from hpcfed.runtime.device import cupy_or_none, visible_gpus
+    from hpcfed.session import place_rank
 
     comm = MPI.COMM_WORLD
-    decision = cuda_aware_decision()
-    agreed = comm.allreduce(int(decision.cuda_aware), op=MPI.MIN) == 1
-    gpus, has_cupy = visible_gpus()
-    placement = select_device("auto", *node_local_rank(comm), gpus, has_cupy)
-    transfer = choose_transfer("auto", placement.device != "cpu", agreed)
-    placements = comm.gather(f"rank {comm.Get_rank()}: {placement.device}, {transfer} ({placement.reason})")
+    placement, memory, cuda_aware = place_rank(Config(), comm)   # what a run with the defaults would do
+    placements = comm.gather(f"rank {comm.Get_rank()}: {placement.device}, {memory.transfer} ({placement.reason})")
     if comm.Get_rank() != 0:
         return 0
     cupy = cupy_or_none()
@@ -123,9 +120,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("torch", f"{torch.__version__} (CUDA available: {torch.cuda.is_available()})"),
         ("h5py", f"{h5py.__version__} (HDF5 {h5py.version.hdf5_version})"),
         ("cupy", f"{cupy.__version__}" if cupy else "not available"),
-        ("CUDA-aware MPI", f"{'yes' if agreed else 'no'} ({decision.reason}"
-                           f"{'' if agreed == decision.cuda_aware else '; not every rank agrees'})"),
-        ("GPUs (rank 0)", f"{gpus} visible to torch"),
+        ("CUDA-aware MPI", f"{'yes' if cuda_aware.cuda_aware else 'no'} ({cuda_aware.reason})"),
+        ("GPUs (rank 0)", f"{visible_gpus()[0]} visible to torch"),
         *(("device: auto" if i == 0 else "", line) for i, line in enumerate(placements)),
     ]
     width = max(len(name) for name, _ in rows)

@@ -164,7 +164,8 @@ def place_rank(cfg: Config, comm: MPI.Comm) -> tuple[Placement, Memory, CudaAwar
     Any rank that cannot honour ``device: cuda`` or ``mpi.transfer`` ends every rank with one line.
     """
     rank = comm.Get_rank()
-    setting = cfg.server_device if rank == SERVER and cfg.server_device != "auto" else cfg.device
+    key = "server_device" if rank == SERVER and cfg.server_device != "auto" else "device"
+    setting = getattr(cfg, key)
     local_rank, source = node_local_rank(comm)
     problem, placement = None, Placement("cpu", "fedavg trains on the CPU")
     if cfg.algorithm == "fedavg" and setting == "cuda":
@@ -173,8 +174,7 @@ def place_rank(cfg: Config, comm: MPI.Comm) -> tuple[Placement, Memory, CudaAwar
         try:
             placement = select_device(setting, local_rank, source, *visible_gpus() if setting != "cpu" else (0, False))
         except ValueError as err:
-            problem = f"{'server_device' if rank == SERVER and cfg.server_device != 'auto' else 'device'}: cuda " \
-                      f"on rank {rank}: {err}"
+            problem = f"{key}: cuda on rank {rank}: {err}"
     decision = cuda_aware_decision(cfg.mpi.cuda_aware)
     agreed = comm.allreduce(int(decision.cuda_aware), op=MPI.MIN) == 1
     cuda_aware = CudaAwareness(agreed, decision.reason if agreed == decision.cuda_aware
