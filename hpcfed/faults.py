@@ -14,7 +14,7 @@ import numpy as np
 
 from hpcfed.config import FaultsConfig
 from hpcfed.data.datasets import Dataset
-from hpcfed.runtime.device import array_module, to_numpy
+from hpcfed.xp import array_module, to_numpy
 from hpcfed.seeding import rng
 
 

@@ -17,7 +17,7 @@ from hpcfed.aggregation.actor_critic import ActorCriticWeighter
 from hpcfed.aggregation.robust import coordinate_median, trimmed_mean
 from hpcfed.aggregation.weights import aggregate
 from hpcfed.coding import combine_block_gradients
-from hpcfed.runtime.device import to_numpy
+from hpcfed.xp import to_numpy
 
 
 class Combiner:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from hpcfed.errors import HpcfedError
-from hpcfed.runtime.device import array_module
+from hpcfed.xp import array_module
 
 
 def _stack(updates: Any) -> Any:

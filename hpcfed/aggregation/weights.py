@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from hpcfed.errors import HpcfedError
-from hpcfed.runtime.device import array_module
+from hpcfed.xp import array_module
 
 STATIC = ("uniform", "samples")
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from hpcfed.codec import dct, kernel as kern, quant
 from hpcfed.errors import HpcfedError
-from hpcfed.runtime.device import to_numpy
+from hpcfed.xp import to_numpy
 
 KERNEL_TIERS = 2      # vote weights in a local kernel (see kernel.py)
 _SERVER = 0x80

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from hpcfed.errors import HpcfedError
-from hpcfed.runtime.device import to_numpy
+from hpcfed.xp import to_numpy
 
 _MAX_VARINT_BYTES = 10
 

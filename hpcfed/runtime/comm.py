@@ -19,7 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from hpcfed.errors import HpcfedError
-from hpcfed.runtime.device import array_module, copy_into
+from hpcfed.xp import array_module, copy_into
 from hpcfed.runtime.memory import HOST, Memory
 
 HEADER = np.dtype([

@@ -1,7 +1,6 @@
-"""One array module (numpy or cupy), the rank's device, and the CUDA-aware MPI decision.
+"""The rank's device, torch <-> array-module hand-over, and the CUDA-aware MPI decision.
 
-Pure code takes ``xp`` from :func:`array_module` or :func:`get_xp` and never
-checks for CuPy itself. Each rank picks its device once (:func:`select_device`: one GPU
+The array-module helpers themselves live in the leaf module :mod:`hpcfed.xp`. Each rank picks its device once (:func:`select_device`: one GPU
 per rank from its node-local rank); tensors and arrays cross between torch and the array
 module without copies (DLPack). Whether MPI may be handed device buffers is decided once
 (:func:`cuda_aware_decision`), agreed by every rank, and reported with its reason.
@@ -18,40 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def cupy_or_none() -> ModuleType | None:
-    """The cupy module if it imports and sees a GPU, else None."""
-    try:
-        import cupy  # type: ignore[import-not-found]
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return cupy
-    except Exception:  # no CuPy, no driver, or no device
-        return None
-    return None
-
-
-def array_module(array: Any) -> ModuleType:
-    """numpy or cupy, whichever owns ``array``."""
-    if type(array).__module__.split(".")[0] == "cupy":
-        import cupy  # type: ignore[import-not-found]
-
-        return cupy
-    return np
-
-
-def get_xp(device: str) -> ModuleType:
-    """The array module for a resolved device name ('cpu' or 'cuda')."""
-    if device == "cuda":
-        import cupy  # type: ignore[import-not-found]
-
-        return cupy
-    return np
-
-
-def to_numpy(array: Any) -> np.ndarray:
-    """A host copy (or the array itself when it already lives on the host)."""
-    return array.get() if array_module(array) is not np else np.asarray(array)
+from hpcfed.xp import array_module, copy_into, cupy_or_none, get_xp, to_numpy  # noqa: F401 (re-exported)
 
 
 def as_array(tensor: torch.Tensor, xp: ModuleType) -> Any:
@@ -62,17 +28,6 @@ def as_array(tensor: torch.Tensor, xp: ModuleType) -> Any:
 def as_tensor(array: Any) -> torch.Tensor:
     """The same memory as a torch tensor (no copy): from NumPy, or from CuPy via DLPack."""
     return torch.from_numpy(array) if array_module(array) is np else torch.from_dlpack(array)
-
-
-def copy_into(dst: Any, src: Any) -> None:
-    """``dst[...] = src`` across host and device memory (same size, contiguous)."""
-    dst_host, src_host = array_module(dst) is np, array_module(src) is np
-    if dst_host and not src_host:
-        src.get(out=dst)
-    elif src_host and not dst_host:
-        dst.set(src)
-    else:
-        dst[...] = src
 
 
 def synchronize(xp: ModuleType) -> None:

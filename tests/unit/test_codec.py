@@ -152,7 +152,7 @@ def test_disabled_codec_sends_raw_fp32() -> None:
 @pytest.mark.gpu
 def test_cupy_matches_numpy() -> None:
     """The same xp code on CuPy: same packet sizes, decoded values close to NumPy's, kernel exchange runs."""
-    from hpcfed.runtime.device import cupy_or_none
+    from hpcfed.xp import cupy_or_none
 
     cp = cupy_or_none()
     if cp is None:
