@@ -1,8 +1,13 @@
 """Codec throughput (GB/s of fp32 gradient) against memcpy and PowerSGD, measured in one run.
 
-For each size: memcpy (np.copyto into a preallocated buffer), a worker's encode (with
+For each size: memcpy (np.copyto into a preallocated buffer; the best of a run before and
+one after the codec timings, as the machine may be shared), a worker's encode (with
 error feedback, averaged over a whole refresh cycle, so history steps count), the
-server's decode (into a preallocated vector, ``decode(..., out=)``), and PowerSGD's
+server's decode (into a preallocated vector, ``decode(..., out=)``), rank 0's two
+coefficient-domain steps, ``unpack`` (packet -> k values + tail, into a preallocated vector)
+and ``encode_unpacked`` (aggregate in that domain -> packet, residual included; the kernel
+stays fixed, a refresh adds one gather and one scatter of k residual values), all
+counted as GB/s of the n-element fp32 gradient they stand for, and PowerSGD's
 compress/decompress math on the same gradient viewed as a near-square matrix. PowerSGD
 is a faithful re-implementation of the per-matrix path of torch's ``powerSGD_hook``
 (that hook needs a DDP GradBucket): error feedback
@@ -104,15 +109,20 @@ def measure(n: int, cfg: CompressionSettings, repeats: int, xp=np) -> dict:
         for step in cycle:
             packets[step] = worker.encode(grads[step % 2], step)
 
-    encode = best_seconds(encode_cycle, max(1, repeats // len(cycle)), xp) / len(cycle)
-    decode = best_seconds(lambda: server.decode(packets[cycle[0]], cycle[0], out=dst), repeats, xp)
+    encode = best_seconds(encode_cycle, repeats, xp) / len(cycle)
+    step = cycle[0]
+    decode = best_seconds(lambda: server.decode(packets[step], step, out=dst), repeats, xp)
+    vec = xp.empty(server.unpacked_size(step), dtype=xp.float32)
+    unpack = best_seconds(lambda: server.unpack(packets[step], step, out=vec), repeats, xp)
+    encode_unpacked = best_seconds(lambda: server.encode_unpacked(vec, step), repeats, xp)
+    memcpy = min(memcpy, best_seconds(lambda: xp.copyto(dst, grads[0]), repeats, xp))   # before and after
     start = time.perf_counter()
     merged = server.merge_kernels([worker.local_kernel()])
     worker.install_kernel(merged)
     server.install_kernel(merged)
     exchange = time.perf_counter() - start
-    row = {"elements": n, "memcpy_s": memcpy, "encode_s": encode, "decode_s": decode, "kernel_exchange_s": exchange,
-           "packet_bytes": int(packets[cycle[0]].size)}
+    row = {"elements": n, "memcpy_s": memcpy, "encode_s": encode, "decode_s": decode, "unpack_s": unpack,
+           "encode_unpacked_s": encode_unpacked, "kernel_exchange_s": exchange, "packet_bytes": int(packets[step].size)}
     for r in (1, 4):
         row[f"psgd{r}_compress_s"], row[f"psgd{r}_decompress_s"] = powersgd(grads[0], r, repeats, xp)
     return row
@@ -135,20 +145,25 @@ def main() -> None:
         peak = peak_bandwidth(xp)
         name = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)["name"].decode()
         print(f"device: {name}, peak memory bandwidth {peak / 1e9:.0f} GB/s" if peak else f"device: {name}")
-        print("| elements | D2D copy GB/s | encode GB/s (fraction of peak) | decode GB/s (fraction of peak) |")
-        print("|---|---|---|---|")
+        print("| elements | D2D copy GB/s | encode GB/s (fraction of peak) | decode GB/s (fraction of peak) "
+              "| unpack GB/s | encode_unpacked GB/s |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
             n = r["elements"]
             enc, dec = gbs(n, r["encode_s"]), gbs(n, r["decode_s"])
             share = (lambda rate: f" ({rate * 1e9 / peak:.2f})") if peak else (lambda rate: "")
-            print(f"| {n / 2**20:.0f}M | {gbs(n, r['memcpy_s']):.0f} | {enc:.1f}{share(enc)} | {dec:.1f}{share(dec)} |")
-    print("| elements | memcpy GB/s | encode GB/s (x memcpy) | decode GB/s (x memcpy) | PowerSGD r1 comp/decomp GB/s "
+            print(f"| {n / 2**20:.0f}M | {gbs(n, r['memcpy_s']):.0f} | {enc:.1f}{share(enc)} | {dec:.1f}{share(dec)} "
+                  f"| {gbs(n, r['unpack_s']):.1f} | {gbs(n, r['encode_unpacked_s']):.1f} |")
+    print("| elements | memcpy GB/s | encode GB/s (x memcpy) | decode GB/s (x memcpy) | unpack GB/s (x memcpy) "
+          "| encode_unpacked GB/s (x memcpy) | PowerSGD r1 comp/decomp GB/s "
           "| PowerSGD r4 comp/decomp GB/s | encode vs r1 compress | decode vs r1 decompress | kernel exchange s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n, mem = r["elements"], gbs(r["elements"], r["memcpy_s"])
         enc, dec = gbs(n, r["encode_s"]), gbs(n, r["decode_s"])
+        unp, enu = gbs(n, r["unpack_s"]), gbs(n, r["encode_unpacked_s"])
         print(f"| {n / 2**20:.0f}M | {mem:.2f} | {enc:.2f} ({enc / mem:.2f}x) | {dec:.2f} ({dec / mem:.2f}x) "
+              f"| {unp:.1f} ({unp / mem:.1f}x) | {enu:.1f} ({enu / mem:.1f}x) "
               f"| {gbs(n, r['psgd1_compress_s']):.2f} / {gbs(n, r['psgd1_decompress_s']):.2f} "
               f"| {gbs(n, r['psgd4_compress_s']):.2f} / {gbs(n, r['psgd4_decompress_s']):.2f} "
               f"| {r['psgd1_compress_s'] / r['encode_s']:.2f}x | {r['psgd1_decompress_s'] / r['decode_s']:.2f}x "

@@ -12,9 +12,17 @@ Packets then carry only the values at those indices, in kernel order, with no in
 * Rank 0 merges by weighted votes (tier t of T scores T - t), keeps the k best, ties
   broken by a hash of (position, version); votes add, so the merge does not depend
   on the order of the local kernels. Too few candidates are filled from the
-  low-frequency order. The global kernel travels as (version, gap-coded indices).
+  low-frequency order. The global kernel travels as (version, FULL, gap-coded indices).
+* Delta refreshes (``compression.swap`` > 0, every refresh after the first): workers propose
+  only m positions OUTSIDE the current kernel (same tiered format); rank 0 ranks the current
+  kernel itself by the energy of the aggregate values it encoded since the last install, and
+  swaps its m weakest positions (ties by the same hash) for the m best-voted proposals
+  (:func:`merge_delta`). The kernel size stays k; the update travels as
+  (version, DELTA, removed kernel-order slots gap-coded, added indices gap-coded).
 
-Coding runs on the host (numpy): kernels are small and exchanged rarely.
+Coding runs on the host (numpy): kernels are small and exchanged rarely. Nothing here
+is O(n_coef) except a worker's top-k selection (:func:`top_k`, one compare pass over its
+scores): the merge works on the W*k voted positions, the varint coders on the bytes.
 """
 
 from __future__ import annotations
@@ -28,32 +36,48 @@ from hpcfed.errors import HpcfedError
 from hpcfed.xp import to_numpy
 
 _MAX_VARINT_BYTES = 10
+_SAMPLED_TOP_K_MIN = 1 << 16    # top_k samples a threshold from this many scores up
+_TOP_K_SAMPLE = 1 << 16         # about this many sampled scores
 
 
 def varint_encode(values: np.ndarray) -> np.ndarray:
-    """Non-negative integers -> LEB128 bytes (7 bits a byte, high bit = more follows)."""
-    v = np.asarray(values, dtype=np.uint64)
-    lane = np.arange(_MAX_VARINT_BYTES, dtype=np.uint64)
-    length = 1 + (v[:, None] >= (np.uint64(1) << (7 * lane[1:]))).sum(axis=1)
-    digits = ((v[:, None] >> (np.uint64(7) * lane)) & np.uint64(127)).astype(np.uint8)
-    digits |= ((lane[None, :] < (length[:, None] - 1)) * 128).astype(np.uint8)
-    return digits[lane[None, :] < length[:, None]]
+    """Non-negative integers -> LEB128 bytes (7 bits a byte, high bit = more follows).
+
+    One pass over every value for its first byte; later bytes only for the values that need them.
+    """
+    v = np.asarray(values, dtype=np.uint64).reshape(-1)
+    length = np.ones(v.size, dtype=np.int64)
+    for j in range(1, _MAX_VARINT_BYTES):
+        more = v >= (np.uint64(1) << np.uint64(7 * j))
+        if not more.any():
+            break
+        length += more
+    ends = np.cumsum(length)
+    starts = ends - length
+    out = np.empty(int(ends[-1]) if v.size else 0, dtype=np.uint8)
+    seven, low = np.uint64(7), np.uint64(127)
+    for j in range(int(length.max()) if v.size else 0):
+        which = slice(None) if j == 0 else np.flatnonzero(length > j)
+        digit = ((v[which] >> (seven * np.uint64(j))) & low).astype(np.uint8)
+        out[starts[which] + j] = digit | ((length[which] > j + 1) * 128).astype(np.uint8)
+    return out
 
 
 def varint_decode(data: np.ndarray) -> np.ndarray:
     """Inverse of :func:`varint_encode`."""
-    d = np.asarray(data, dtype=np.uint64)
+    d = np.asarray(data, dtype=np.uint8).reshape(-1)
     if d.size == 0:
         return np.zeros(0, dtype=np.int64)
     last = d < 128
     if not last[-1]:
         raise HpcfedError("kernel payload is truncated (last varint has no final byte)")
-    which = np.concatenate([[0], np.cumsum(last)[:-1]])
-    starts = np.flatnonzero(np.concatenate([[True], last[:-1]]))
-    shift = np.uint64(7) * (np.arange(d.size, dtype=np.uint64) - starts[which].astype(np.uint64))
-    out = np.zeros(int(last.sum()), dtype=np.uint64)
-    np.bitwise_or.at(out, which, (d & np.uint64(127)) << shift)
-    return out.astype(np.int64)
+    if last.all():                                    # every value below 128: one byte each
+        return d.astype(np.int64)
+    ends = np.flatnonzero(last)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    place = np.arange(d.size) - np.repeat(starts, ends - starts + 1)      # byte index within its varint
+    digits = (d & 127).astype(np.uint64) << (np.uint64(7) * place.astype(np.uint64))
+    return np.add.reduceat(digits, starts).astype(np.int64)               # disjoint bits: sum == or
 
 
 def _gap_fields(sorted_idx: np.ndarray) -> np.ndarray:
@@ -86,11 +110,34 @@ def lowfreq_kernel(n_blocks: int, n: int, k: int) -> np.ndarray:
     return np.sort(lowfreq_order(n_blocks, n, k))
 
 
+def top_k(score: Any, k: int, xp: ModuleType) -> Any:
+    """Indices of the ``k`` largest entries of ``score`` (any order; a deterministic choice among ties).
+
+    Large inputs: a strided sample gives a threshold a little below the k-th largest value, and
+    only the entries at or above it (a few more than k) are partitioned, which costs one compare
+    pass instead of a selection over all n (about 4x faster here); falls back to the full
+    partition when the sample misjudges.
+    """
+    n = int(score.size)
+    if k >= n:
+        return xp.arange(n)
+    if n >= _SAMPLED_TOP_K_MIN:
+        stride = max(1, n // _TOP_K_SAMPLE)
+        sample = score[::stride]
+        rank = min(int(sample.size), int(1.05 * k / stride) + 64)
+        threshold = xp.partition(sample, sample.size - rank)[sample.size - rank]
+        candidates = xp.flatnonzero(score >= threshold)
+        if candidates.size >= k:
+            picked = xp.argpartition(score[candidates], candidates.size - k)[candidates.size - k:]
+            return candidates[picked]
+    return xp.argpartition(score, n - k)[n - k:]
+
+
 def local_kernel(energy: Any, k: int, tiers: int, xp: ModuleType) -> np.ndarray:
     """A worker's top-k positions of ``energy`` as ``tiers`` gap-coded lists (uint8, host)."""
     if k == 0:
         return varint_encode(np.zeros(1))
-    top = xp.argpartition(-energy, k - 1)[:k] if k < energy.size else xp.arange(energy.size)
+    top = top_k(energy, k, xp)
     ranked = to_numpy(top[xp.argsort(-energy[top])]).astype(np.int64)
     parts = [np.sort(part) for part in np.array_split(ranked, tiers)]
     return varint_encode(np.concatenate([[tiers], *(_gap_fields(p) for p in parts)]))
@@ -116,35 +163,106 @@ def _tiebreak(positions: np.ndarray, version: int) -> np.ndarray:
     return (mixed * np.uint64(0xC2B2AE35)) >> np.uint64(16) & np.uint64(0xFFFFFFFF)
 
 
+def _best(candidates: np.ndarray, scores: np.ndarray, tiebreak: np.ndarray, k: int) -> np.ndarray:
+    """The first k candidates by (score descending, tiebreak, position) without a full sort: O(len)."""
+    if k >= candidates.size:
+        return candidates
+    cut = np.partition(scores, scores.size - k)[scores.size - k]          # the k-th best score
+    above = scores > cut
+    need = k - int(above.sum())                                            # >= 1 taken among the ties
+    tied = np.flatnonzero(scores == cut)
+    keys = tiebreak[tied]
+    edge = np.partition(keys, need - 1)[need - 1]
+    below = tied[keys < edge]
+    equal = tied[keys == edge][: need - below.size]                        # ascending positions
+    return np.concatenate([candidates[above], candidates[below], candidates[equal]])
+
+
 def merge(local_payloads: list[np.ndarray], n_blocks: int, n: int, k: int, version: int) -> np.ndarray:
-    """Global kernel (sorted indices, exactly k) from local kernel payloads by weighted votes."""
+    """Global kernel (sorted indices, exactly k) from local kernel payloads by weighted votes.
+
+    Works on the W*k voted positions (one sort of position*span + vote keys), never on all n_coef.
+    """
     n_coef = n_blocks * n * n
-    scores = np.zeros(n_coef, dtype=np.int64)
-    for payload in local_payloads:
-        tiers = read_local_kernel(payload, n_coef)
-        for t, idx in enumerate(tiers):
-            scores[idx] += len(tiers) - t
-    candidates = np.flatnonzero(scores)
-    order = np.lexsort((_tiebreak(candidates, version), -scores[candidates]))
-    chosen = candidates[order[:k]]
+    tiers = [read_local_kernel(payload, n_coef) for payload in local_payloads]
+    span = 1 + max((len(t) for t in tiers), default=0)                    # votes are 1 .. len(tiers)
+    keys = np.sort(np.concatenate([np.zeros(0, dtype=np.int64)] + [
+        idx * span + (len(lists) - t) for lists in tiers for t, idx in enumerate(lists)]))
+    positions = keys // span
+    first = np.flatnonzero(np.concatenate([[True], positions[1:] != positions[:-1]])) if keys.size else keys
+    candidates = positions[first]
+    scores = np.add.reduceat(keys % span, first) if keys.size else keys
+    chosen = _best(candidates, scores, _tiebreak(candidates, version), k)
     if chosen.size < k:
         fill = lowfreq_order(n_blocks, n, k + chosen.size)
         chosen = np.concatenate([chosen, fill[~np.isin(fill, chosen)][: k - chosen.size]])
     return np.sort(chosen)
 
 
+FULL, DELTA = 0, 1       # kinds of a global kernel payload
+
+
 def global_payload(version: int, kernel: np.ndarray) -> np.ndarray:
-    """Wire form of a global kernel: varints [version, count, gaps...]."""
-    return varint_encode(np.concatenate([[version], _gap_fields(np.asarray(kernel, dtype=np.int64))]))
+    """Wire form of a global kernel: varints [version, FULL, count, gaps...]."""
+    return varint_encode(np.concatenate([[version, FULL], _gap_fields(np.asarray(kernel, dtype=np.int64))]))
 
 
-def read_global_payload(payload: np.ndarray, n_coef: int, k: int) -> tuple[int, np.ndarray]:
-    """(version, sorted kernel) from :func:`global_payload`, checked against the codec's shape."""
+def delta_payload(version: int, removed: np.ndarray, added: np.ndarray) -> np.ndarray:
+    """Wire form of a kernel update: varints [version, DELTA, removed slots (kernel order), added indices]."""
+    return varint_encode(np.concatenate([[version, DELTA], _gap_fields(np.sort(np.asarray(removed, dtype=np.int64))),
+                                         _gap_fields(np.sort(np.asarray(added, dtype=np.int64)))]))
+
+
+def read_global_payload(payload: np.ndarray, n_coef: int, k: int,
+                        current: np.ndarray | None = None) -> tuple[int, np.ndarray]:
+    """(version, sorted kernel) from :func:`global_payload` or, given the ``current`` kernel, from
+    :func:`delta_payload`; checked against the codec's shape."""
     fields = varint_decode(payload)
-    if fields.size == 0:
+    if fields.size < 2:
         raise HpcfedError("global kernel payload is empty")
-    kernel, _ = _read_sorted(fields, 1)
+    kind = int(fields[1])
+    if kind == FULL:
+        kernel, _ = _read_sorted(fields, 2)
+    elif kind == DELTA:
+        if current is None:
+            raise HpcfedError("a kernel delta needs the current kernel (a rejoining rank takes a full kernel)")
+        removed, at = _read_sorted(fields, 2)
+        added, _ = _read_sorted(fields, at)
+        if removed.size != added.size or (removed.size and removed[-1] >= current.size):
+            raise HpcfedError(f"kernel delta removes {removed.size} slots (max {int(removed[-1]) if removed.size else -1}) "
+                              f"and adds {added.size}; the kernel has {current.size}")
+        kernel = np.sort(np.concatenate([np.delete(np.asarray(current, dtype=np.int64), removed), added]))
+        if kernel.size and np.any(np.diff(kernel) == 0):
+            raise HpcfedError("kernel delta adds a position the kernel already holds")
+    else:
+        raise HpcfedError(f"global kernel payload of unknown kind {kind}")
     if kernel.size != k or (k and kernel[-1] >= n_coef):
         raise HpcfedError(f"global kernel has {kernel.size} indices (max {int(kernel[-1]) if k else -1}); "
                           f"this codec expects {k} below {n_coef}")
     return int(fields[0]), kernel
+
+
+def merge_delta(local_payloads: list[np.ndarray], kernel: np.ndarray, strength: np.ndarray, m: int,
+                n_coef: int, version: int) -> tuple[np.ndarray, np.ndarray]:
+    """(removed kernel-order slots, added positions) of a delta refresh, at most ``m`` each, equally many.
+
+    ``kernel``: the current kernel (sorted); ``strength``: rank 0's energy per kernel slot. Proposals
+    inside the kernel are ignored. The added positions are the best by weighted votes (as :func:`merge`);
+    the removed slots are those of least ``strength`` (ties by the position hash of ``version``).
+    """
+    kernel = np.asarray(kernel, dtype=np.int64)
+    tiers = [read_local_kernel(payload, n_coef) for payload in local_payloads]
+    span = 1 + max((len(t) for t in tiers), default=0)
+    keys = np.sort(np.concatenate([np.zeros(0, dtype=np.int64)] + [
+        idx * span + (len(lists) - t) for lists in tiers for t, idx in enumerate(lists)]))
+    positions = keys // span
+    first = np.flatnonzero(np.concatenate([[True], positions[1:] != positions[:-1]])) if keys.size else keys
+    candidates = positions[first]
+    scores = np.add.reduceat(keys % span, first) if keys.size else keys
+    outside = ~np.isin(candidates, kernel, assume_unique=True)
+    candidates, scores = candidates[outside], scores[outside]
+    added = _best(candidates, scores, _tiebreak(candidates, version), min(m, kernel.size))
+    slots = np.arange(kernel.size)
+    weak = -np.asarray(strength, dtype=np.float64)
+    removed = _best(slots, weak, _tiebreak(kernel, version), added.size) if added.size else slots[:0]
+    return np.sort(removed), np.sort(added)

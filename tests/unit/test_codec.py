@@ -166,3 +166,336 @@ def test_cupy_matches_numpy() -> None:
         assert np.allclose(cpu.decode(a, step), cp.asnumpy(gpu.decode(b, step)), atol=1e-3)
     gpu.install_kernel(gpu.merge_kernels([gpu.local_kernel()]))
     assert gpu.version == 1 and gpu.encode(cp.asarray(grads[0]), 4).size == gpu.payload_nbytes(4)
+
+
+# ---- coefficient-domain API: unpack / densify / encode_unpacked / sizes --------------------
+
+
+def _refresh(codecs: list[GradientCodec], workers: list[GradientCodec], step: int) -> None:
+    """Install the next global kernel (merged from the workers' local kernels) on every codec when due."""
+    if codecs[0].kernel_due(step):
+        merged = codecs[0].merge_kernels([w.local_kernel() for w in workers])
+        for c in codecs:
+            c.install_kernel(merged)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 900), block=st.sampled_from([2, 3, 8, 16]), bits=st.sampled_from([2, 4, 8, 16]),
+       group=st.sampled_from([0, 5, 64]), warmup=st.integers(0, 2), feedback=st.booleans(), seed=st.integers(0, 99))
+def test_unpack_then_densify_is_decode_bit_for_bit(n, block, bits, group, warmup, feedback, seed) -> None:
+    cfg = dataclasses.replace(CFG, block=block, bits=bits, group=group, warmup_steps=warmup, refresh_every=2,
+                              error_feedback=feedback, drift_threshold=0.5)
+    worker, a, b = (GradientCodec(n, cfg, seed=seed, rank=r) for r in (1, 0, 0))
+    for step, grad in enumerate(_grads(n, 6, seed)):
+        _refresh([a, b, worker], [worker], step)
+        packet = worker.encode(grad, step)
+        vec = b.unpack(packet, step)
+        assert vec.shape == (b.unpacked_size(step),) and vec.dtype == np.float32
+        assert b.unpacked_size(step) == (b.k + b.tail if b.compressed(step) else n)
+        assert np.array_equal(b.densify(vec, step, np.empty(n, np.float32)), a.decode(packet, step))
+        assert a.min_share == b.min_share                   # unpack reads the meta byte as decode does
+        assert np.array_equal(a.encode(grad, step), b.encode(grad, step))
+        assert a.forced_due == b.forced_due
+
+
+def _aggregate_both_ways(cfg: CompressionSettings, n: int, steps: int, workers: int = 3):
+    """Two rank-0 codecs fed the same packets: one encodes densify(mean), the other encode_unpacked(mean)."""
+    ranks = [GradientCodec(n, cfg, seed=4, rank=r) for r in range(1, workers + 1)]
+    dense, unpacked = GradientCodec(n, cfg, seed=4, rank=0), GradientCodec(n, cfg, seed=4, rank=0)
+    rng = np.random.default_rng(11)
+    for step in range(steps):
+        _refresh([dense, unpacked, *ranks], ranks, step)
+        packets = [w.encode(rng.standard_normal(n).astype(np.float32), step) for w in ranks]
+        mean = np.mean([unpacked.unpack(p, step) for p in packets], axis=0, dtype=np.float32)
+        for p in packets:
+            dense.unpack(p, step)                                # same meta bookkeeping on both servers
+        a = dense.encode(dense.densify(mean, step), step)
+        b = unpacked.encode_unpacked(mean, step)
+        yield step, dense, unpacked, a, b
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("group", [64, 0])
+def test_encode_unpacked_equals_encode_of_densify(feedback: bool, stochastic: bool, group: int) -> None:
+    """Aggregating in the coefficient domain sends what the dense path sends, up to float rounding."""
+    cfg = dataclasses.replace(CFG, bits=4, group=group, refresh_every=2, warmup_steps=1,
+                              error_feedback=feedback, stochastic=stochastic)
+    n, versions = 64 * 40 + 7, set()
+    for step, dense, unpacked, a, b in _aggregate_both_ways(cfg, n, 7):
+        versions.add(unpacked.version)
+        assert a.size == b.size == unpacked.payload_nbytes(step) and a[-1] == b[-1]
+        decoded_a, decoded_b = dense.decode(a, step), unpacked.decode(b, step)
+        scale = np.abs(decoded_a).max()
+        assert np.allclose(decoded_a, decoded_b, rtol=0, atol=1e-5 * scale)
+        if step < cfg.warmup_steps:
+            assert np.array_equal(a, b)                          # dense step: the same bytes
+        if feedback:
+            assert np.allclose(dense.residual, unpacked.residual, rtol=0, atol=1e-5 * scale)
+        else:
+            assert dense.residual is None and unpacked.residual is None
+    assert len(versions) >= 3                                    # kernels changed along the way
+
+
+def test_encode_unpacked_is_order_k() -> None:
+    """Off the kernel the residual is untouched, and the packet's tail is the vector's tail."""
+    n = 64 * 50 + 5
+    server = GradientCodec(n, CFG, rank=0)
+    server.residual[:] = np.random.default_rng(0).standard_normal(server.n_coef).astype(np.float32)
+    before = server.residual.copy()
+    vec = np.random.default_rng(1).standard_normal(server.unpacked_size(0)).astype(np.float32)
+    packet = server.encode_unpacked(vec, 0)
+    off = np.ones(server.n_coef, bool)
+    off[server.kernel] = False
+    assert np.array_equal(server.residual[off], before[off])
+    back = server.unpack(packet, 0)
+    assert np.array_equal(back[server.k:], vec[server.k:])
+    assert np.allclose(back[: server.k] + server.residual[server.kernel], vec[: server.k] + before[server.kernel],
+                       atol=1e-6)
+
+
+def test_dense_steps_in_the_unpacked_domain() -> None:
+    n = 700
+    for cfg in (dataclasses.replace(CFG, warmup_steps=3), dataclasses.replace(CFG, enabled=False)):
+        server, twin = GradientCodec(n, cfg, rank=0), GradientCodec(n, cfg, rank=0)
+        grad = _grads(n, 1)[0]
+        assert server.unpacked_size(0) == n and server.payload_nbytes(0) == 4 * n
+        packet = server.encode_unpacked(grad, 0)
+        assert np.array_equal(packet, twin.encode(grad, 0))
+        assert np.array_equal(server.unpack(packet, 0), grad) and np.array_equal(server.densify(grad, 0), grad)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 3000), block=st.sampled_from([2, 4, 8]), keep=st.floats(0.01, 1.0),
+       bits=st.sampled_from([2, 4, 8, 16]), group=st.sampled_from([0, 1, 7, 256]), warmup=st.integers(0, 2),
+       enabled=st.booleans())
+def test_max_payload_bounds_every_step(n, block, keep, bits, group, warmup, enabled) -> None:
+    cfg = dataclasses.replace(CFG, block=block, keep=keep, bits=bits, group=group, warmup_steps=warmup,
+                              enabled=enabled, refresh_every=1)
+    codecs, _, sizes = _sync(cfg, n, 5, workers=2)
+    bound = codecs[0].max_payload_nbytes()
+    assert max(sizes) <= bound
+    if group and enabled:                     # fixed groups: the bound is attained
+        assert bound == max(sizes)
+    spread = GradientCodec(n, cfg, rank=0)    # a kernel touching min(k, n_blocks) blocks is the worst case
+    spread._install(1, np.sort(np.arange(spread.n_blocks)[: spread.k] * block * block)
+                    if spread.k <= spread.n_blocks else np.arange(spread.k))
+    assert spread.payload_nbytes(warmup) <= bound
+
+
+def test_bad_sizes_are_one_line_errors() -> None:
+    n = 64 * 10 + 3
+    server, worker = GradientCodec(n, CFG, rank=0), GradientCodec(n, CFG, rank=1)
+    packet = worker.encode(_grads(n, 1)[0], 0)
+    size = server.unpacked_size(0)
+    cases = [
+        (lambda: server.unpack(packet[:-1], 0), "packet of"),
+        (lambda: server.unpack(np.concatenate([packet, packet[:1]]), 0), "packet of"),
+        (lambda: server.unpack(packet, 0, out=np.empty(size + 1, np.float32)), f"expected \\({size},\\)"),
+        (lambda: server.densify(np.zeros(size - 1, np.float32), 0), f"expected \\({size},\\)"),
+        (lambda: server.densify(np.zeros(size, np.float32), 0, np.empty(n - 1, np.float32)), f"expected \\({n},\\)"),
+        (lambda: server.encode_unpacked(np.zeros(n, np.float32), 0), f"expected \\({size},\\)"),
+        (lambda: worker.encode_unpacked(np.zeros(size, np.float32), 0), "worker"),
+        (lambda: server.encode(np.zeros(n, np.float32), 0, out=np.empty(3, np.uint8)), "need"),
+        (lambda: server.encode_unpacked(np.full(size, np.nan, np.float32), 0), "NaN/Inf values at step 0, rank 0"),
+    ]
+    for call, match in cases:
+        with pytest.raises(HpcfedError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_encode_into_a_given_buffer() -> None:
+    n = 64 * 20 + 1
+    a, b = GradientCodec(n, CFG, rank=1), GradientCodec(n, CFG, rank=1)
+    buffer = np.zeros(a.max_payload_nbytes() + 10, np.uint8)
+    for step, grad in enumerate(_grads(n, 3)):
+        packet = a.encode(grad, step, out=buffer)
+        assert np.shares_memory(packet, buffer) and np.array_equal(packet, b.encode(grad, step))
+
+
+def test_project_is_the_kernel_part_of_a_gradient() -> None:
+    n = 64 * 30 + 9
+    codec = GradientCodec(n, CFG, rank=0)
+    grad = _grads(n, 1)[0]
+    vec = codec.project(grad, 0)
+    coef = np.zeros(codec.n_coef, np.float32)
+    coef[codec.kernel] = vec[: codec.k]
+    assert np.allclose(vec[: codec.k], forward_dct(grad[: codec.n_coef])[codec.kernel], atol=1e-5)
+    assert np.allclose(codec.densify(vec, 0), np.concatenate([inverse(coef, 8, np), grad[codec.n_coef:]]), atol=1e-5)
+    lossless = GradientCodec(n, dataclasses.replace(CFG, keep=1.0), rank=0)
+    assert np.allclose(lossless.densify(lossless.project(grad, 0), 0), grad, atol=1e-5)
+    assert np.array_equal(GradientCodec(n, dataclasses.replace(CFG, warmup_steps=1), rank=0).project(grad, 0), grad)
+
+
+def forward_dct(x: np.ndarray) -> np.ndarray:
+    from hpcfed.codec.dct import forward
+
+    return forward(x, 8, np).reshape(-1)
+
+
+def test_chunked_encoder_matches_one_chunk(monkeypatch) -> None:
+    """The fused chunk loop (NumPy) gives the packets and state of a single pass over the vector."""
+    import hpcfed.codec.codec as codec_module
+
+    n, cfg = 64 * 300 + 11, dataclasses.replace(CFG, refresh_every=2, stochastic=True)
+    monkeypatch.setattr(codec_module, "_CPU_CHUNK", 64 * 7)
+    small = GradientCodec(n, cfg, seed=2, rank=1)
+    monkeypatch.setattr(codec_module, "_CPU_CHUNK", 1 << 30)
+    whole = GradientCodec(n, cfg, seed=2, rank=1)
+    assert len(small._chunks) == 43 and len(whole._chunks) == 1
+    for step, grad in enumerate(_grads(n, 5, seed=8)):
+        for c in (small, whole):
+            if c.kernel_due(step):
+                c.install_kernel(c.merge_kernels([c.local_kernel()]))
+        assert np.allclose(small.decode(small.encode(grad, step), step), whole.decode(whole.encode(grad, step), step),
+                           atol=1e-4)
+        assert np.allclose(small.residual, whole.residual, atol=1e-4) and np.allclose(small.energy, whole.energy,
+                                                                                      rtol=1e-4)
+
+
+def test_decode_without_the_sparse_inverse(monkeypatch) -> None:
+    """The scatter + dense inverse fallback decodes the same vector as the CSR path."""
+    from hpcfed.codec import dct
+
+    n = 64 * 40 + 3
+    worker = GradientCodec(n, CFG, rank=1)
+    packet = worker.encode(_grads(n, 1)[0], 0)
+    fast = GradientCodec(n, CFG, rank=0).decode(packet, 0)
+    monkeypatch.setattr(dct, "_csr_matvecs", None)
+    slow = GradientCodec(n, CFG, rank=0)
+    assert not slow._inverse.sparse
+    assert np.allclose(slow.decode(packet, 0), fast, atol=1e-6)
+
+
+def test_no_per_call_allocation_of_order_n() -> None:
+    """After the first call, encode/decode/unpack/densify/encode_unpacked reuse their buffers."""
+    import tracemalloc
+
+    n = 1 << 18
+    cfg = dataclasses.replace(CFG, keep=0.02, bits=4, group=256, refresh_every=2)
+    worker, server = GradientCodec(n, cfg, rank=1), GradientCodec(n, cfg, rank=0)
+    grads = _grads(n, 2)
+    dst, vec = np.empty(n, np.float32), np.empty(server.unpacked_size(1), np.float32)
+    packet_buffer = np.empty(server.max_payload_nbytes(), np.uint8)
+
+    def step_once() -> None:
+        packet = worker.encode(grads[1], 1)
+        server.unpack(packet, 1, out=vec)
+        server.densify(vec, 1, dst)
+        server.decode(packet, 1, out=dst)
+        server.encode_unpacked(vec, 1, out=packet_buffer)
+
+    step_once()
+    buffers = [id(x) for x in (worker.residual, worker.energy, server.residual, *worker._scratch.values(),
+                               *server._scratch.values())]
+    tracemalloc.start()
+    try:
+        step_once()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < n                           # bytes: under a quarter of one fp32 gradient (k = 0.02 n)
+    assert buffers == [id(x) for x in (worker.residual, worker.energy, server.residual, *worker._scratch.values(),
+                                       *server._scratch.values())]
+
+
+def test_no_per_call_allocation_at_dense_steps() -> None:
+    """Warm-up steps too: with a packet buffer, nothing of order n is allocated per call."""
+    import tracemalloc
+
+    n = 1 << 16
+    cfg = dataclasses.replace(CFG, warmup_steps=5, refresh_every=2)
+    worker, server = GradientCodec(n, cfg, rank=1), GradientCodec(n, cfg, rank=0)
+    grad, dst = _grads(n, 1)[0], np.empty(n, np.float32)
+    buffer = np.empty(server.max_payload_nbytes(), np.uint8)
+
+    def step_once() -> None:
+        packet = worker.encode(grad, 3, out=buffer)          # a history step: energy accumulates
+        server.decode(packet, 3, out=dst)
+        server.unpack(packet, 3, out=dst)
+        server.densify(dst, 3, dst)
+        server.encode_unpacked(dst, 3, out=buffer)
+
+    step_once()
+    tracemalloc.start()
+    try:
+        step_once()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < n // 4
+
+
+@pytest.mark.gpu
+def test_cupy_coefficient_domain_matches_numpy() -> None:
+    """unpack / densify / encode_unpacked on CuPy agree with NumPy."""
+    from hpcfed.xp import cupy_or_none
+
+    cp = cupy_or_none()
+    if cp is None:
+        pytest.skip("no CUDA GPU with CuPy")
+    n, cfg = 5000, dataclasses.replace(CFG, bits=16, group=0)
+    worker = GradientCodec(n, cfg, rank=1)
+    cpu, gpu = GradientCodec(n, cfg, rank=0), GradientCodec(n, cfg, xp=cp, rank=0)
+    for step, g in enumerate(_grads(n, 3, seed=2)):
+        packet = worker.encode(g, step)
+        a, b = cpu.unpack(packet, step), gpu.unpack(cp.asarray(packet), step)
+        assert np.allclose(a, cp.asnumpy(b), atol=1e-6)
+        assert np.allclose(cpu.densify(a, step), cp.asnumpy(gpu.densify(b, step)), atol=1e-5)
+        pa, pb = cpu.encode_unpacked(a, step), gpu.encode_unpacked(b, step)
+        assert pa.size == pb.size == cpu.payload_nbytes(step) <= cpu.max_payload_nbytes()
+        assert np.allclose(cpu.decode(pa, step), cp.asnumpy(gpu.decode(pb, step)), atol=1e-4)
+
+
+def test_kernel_order_residual_of_rank_0_is_exact() -> None:
+    """Rank 0 keeping its kernel residual in kernel order gives the bytes and state of writing it back each step."""
+    n, cfg = 64 * 60 + 5, dataclasses.replace(CFG, refresh_every=2, stochastic=True)
+    ranks = [GradientCodec(n, cfg, seed=1, rank=r) for r in (1, 2)]
+    lazy, eager = GradientCodec(n, cfg, seed=1, rank=0), GradientCodec(n, cfg, seed=1, rank=0)
+    rng = np.random.default_rng(5)
+    for step in range(7):
+        _refresh([lazy, eager, *ranks], ranks, step)
+        packets = [w.encode(rng.standard_normal(n).astype(np.float32), step) for w in ranks]
+        mean = np.mean([lazy.unpack(p, step) for p in packets], axis=0, dtype=np.float32)
+        for p in packets:
+            eager.unpack(p, step)
+        a = lazy.encode_unpacked(mean, step)
+        b = eager.encode_unpacked(mean, step)
+        assert eager.residual is not None                        # reading it writes the kernel part back
+        assert not eager._kept_live and np.array_equal(a, b)
+        if step == 4:                                            # a checkpoint in between restores exactly
+            restored = GradientCodec(n, cfg, seed=1, rank=0)
+            restored.load_state_dict(lazy.state_dict())
+            assert np.array_equal(restored.residual, eager.residual)
+            lazy = restored
+    assert np.array_equal(lazy.residual, eager.residual)
+    grad = rng.standard_normal(n).astype(np.float32)             # a dense-domain encode after it sees the same
+    assert np.array_equal(lazy.encode(grad, 7), eager.encode(grad, 7))
+
+
+def test_the_array_module_generic_path_matches_numpy() -> None:
+    """The code CuPy runs (one chunk, scatter + dense inverse, sort-based group absmax, add after the GEMM),
+    exercised through a NumPy stand-in module: same sizes, values equal up to rounding."""
+    import types
+
+    generic = types.ModuleType("numpy_standin")
+    generic.__dict__.update({k: v for k, v in np.__dict__.items() if not k.startswith("__")})
+    n = 64 * 300 + 7
+    for cfg in (dataclasses.replace(CFG, group=0, refresh_every=2), dataclasses.replace(CFG, block=16, group=64)):
+        ours = [GradientCodec(n, cfg, rank=r) for r in (1, 0)]
+        theirs = [GradientCodec(n, cfg, xp=generic, rank=r) for r in (1, 0)]
+        assert theirs[0]._chunk == theirs[0].n_coef and not theirs[1]._inverse.sparse
+        for step, grad in enumerate(_grads(n, 5, seed=6)):
+            for codecs in (ours, theirs):
+                if codecs[1].kernel_due(step):
+                    merged = codecs[1].merge_kernels([codecs[0].local_kernel()])
+                    for c in codecs:
+                        c.install_kernel(merged)
+            a, b = ours[0].encode(grad, step), theirs[0].encode(grad, step)
+            assert a.size == b.size == ours[1].payload_nbytes(step)
+            va, vb = ours[1].unpack(a, step), theirs[1].unpack(b, step)
+            assert np.allclose(va, vb, atol=1e-5)
+            assert np.allclose(ours[1].densify(va, step), theirs[1].densify(vb, step), atol=1e-5)
+            pa, pb = ours[1].encode_unpacked(va, step), theirs[1].encode_unpacked(vb, step)
+            assert np.allclose(ours[1].decode(pa, step), theirs[1].decode(pb, step), atol=1e-4)

@@ -85,3 +85,60 @@ def test_kernel_payloads_are_compact() -> None:
     n_coef, k = 151_296, 3026
     payload = _locals(1, n_coef, k, 0)[0]
     assert payload.size < 1.3 * k
+
+
+def _reference_merge(local_payloads, n_blocks, n, k, version):
+    """The dense-vote definition: a score per coefficient, lexsort by (-score, tiebreak, position)."""
+    n_coef = n_blocks * n * n
+    scores = np.zeros(n_coef, dtype=np.int64)
+    for payload in local_payloads:
+        tiers = kern.read_local_kernel(payload, n_coef)
+        for t, idx in enumerate(tiers):
+            scores[idx] += len(tiers) - t
+    candidates = np.flatnonzero(scores)
+    order = np.lexsort((kern._tiebreak(candidates, version), -scores[candidates]))
+    chosen = candidates[order[:k]]
+    if chosen.size < k:
+        fill = kern.lowfreq_order(n_blocks, n, k + chosen.size)
+        chosen = np.concatenate([chosen, fill[~np.isin(fill, chosen)][: k - chosen.size]])
+    return np.sort(chosen)
+
+
+@settings(max_examples=40, deadline=None)
+@given(workers=st.integers(0, 5), blocks=st.integers(1, 40), k_frac=st.floats(0.01, 0.6), tiers=st.integers(1, 3),
+       coarse=st.booleans(), seed=st.integers(0, 2**31), version=st.integers(0, 50))
+def test_merge_equals_the_dense_vote_definition(workers, blocks, k_frac, tiers, coarse, seed, version) -> None:
+    """Sort-based merge (O(W k log)) picks exactly what dense votes + lexsort pick, ties included."""
+    n = 4
+    n_coef = blocks * n * n
+    k = max(1, round(k_frac * n_coef))
+    rng = np.random.default_rng(seed)
+    energies = [rng.integers(0, 3, n_coef).astype(np.float32) if coarse else rng.random(n_coef).astype(np.float32)
+                for _ in range(workers)]
+    local = [kern.local_kernel(e, max(1, k // 2), tiers, np) for e in energies]
+    assert np.array_equal(kern.merge(local, blocks, n, k, version), _reference_merge(local, blocks, n, k, version))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 300_000), frac=st.floats(0.0001, 1.0), ties=st.booleans(), seed=st.integers(0, 2**31))
+def test_top_k_selects_the_largest(n: int, frac: float, ties: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    score = (rng.integers(0, 4, n) if ties else rng.standard_normal(n) ** 2).astype(np.float32)
+    k = max(1, round(frac * n))
+    top = kern.top_k(score, k, np)
+    assert top.size == k and np.unique(top).size == k
+    assert np.array_equal(np.sort(score[top]), np.sort(score)[n - k:])       # the k largest values
+    assert np.array_equal(top, kern.top_k(score, k, np))                       # deterministic
+
+
+@given(st.lists(st.integers(0, 2**62), max_size=200), st.integers(0, 3))
+def test_varint_matches_the_bytewise_definition(values: list[int], shift: int) -> None:
+    values = [v >> (14 * shift) for v in values]
+    expected = []
+    for v in values:
+        while True:
+            byte, v = v & 127, v >> 7
+            expected.append(byte | (128 if v else 0))
+            if not v:
+                break
+    assert kern.varint_encode(np.array(values, dtype=np.uint64)).tolist() == expected
