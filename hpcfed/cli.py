@@ -63,16 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mpi4py import MPI
-
     from hpcfed.algorithms import fedavg, sync_ps
+    from hpcfed.runtime.transport import Transport
     from hpcfed.session import start_session
 
-    session = start_session(args.config, args.overrides, MPI.COMM_WORLD, resume=args.resume)
+    session = start_session(args.config, args.overrides, Transport(), resume=args.resume)
     outcome = {"sync": sync_ps, "fedavg": fedavg}[session.cfg.algorithm].run(session)
     if isinstance(outcome, dict):
-        session.log.info("done: %d steps, test accuracy %.2f%%, %.1f s, %s/summary.json",
-                         outcome["steps"], 100 * outcome["final_accuracy"], outcome["wall_time_s"], session.run_dir)
+        unit = "rounds" if "rounds" in outcome else "steps"
+        session.log.info("done: %d %s, test accuracy %.2f%%, %.1f s, %s/summary.json", outcome["steps"], unit,
+                         100 * outcome["final_accuracy"], outcome["wall_time_s"], session.run_dir)
     return outcome if isinstance(outcome, int) else 0
 
 
@@ -101,10 +101,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from hpcfed.config import Config
     from hpcfed.runtime.device import cupy_or_none, visible_gpus
+    from hpcfed.runtime.transport import Transport
     from hpcfed.session import place_rank
 
     comm = MPI.COMM_WORLD
-    placement, memory, cuda_aware = place_rank(Config(), comm)   # what a run with the defaults would do
+    placement, memory, cuda_aware = place_rank(Config(), Transport(comm))   # what a run with the defaults would do
     placements = comm.gather(f"rank {comm.Get_rank()}: {placement.device}, {memory.transfer} ({placement.reason})")
     if comm.Get_rank() != 0:
         return 0

@@ -9,40 +9,41 @@ parameters by broadcast.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
+import resource
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from hpcfed.coding import Assignment, make_assignment
 from hpcfed.config import CodingConfig, Config, load_config
-from hpcfed.data.datasets import Dataset, carve, load_dataset, train_test_split
+from hpcfed.data.datasets import Dataset, Labels, carve, load_dataset, load_labels, read_rows, train_test_split
 from hpcfed.data.partition import PARAMS, partition
 from hpcfed.errors import HpcfedError
 from hpcfed.faults import Faults
 from hpcfed.models import FlatModel, build_model
 from hpcfed.optim import make_optimizer
-from hpcfed.runtime.comm import SERVER, Channel, agree
+from hpcfed.io import write_atomically
+from hpcfed.runtime.comm import SERVER
 from hpcfed.runtime.device import (CudaAwareness, Placement, cuda_aware_decision, node_local_rank, select_device,
                                    visible_gpus)
-from hpcfed.runtime.memory import Memory, choose_transfer
+from hpcfed.runtime.memory import HOST, Memory, choose_transfer
+from hpcfed.runtime.transport import Transport
 
 LAUNCH_HINT = "mpiexec -n 4 python -m mpi4py -m hpcfed run [CONFIG]"
 
 
 @dataclass
 class Session:
-    """Everything one rank needs to train: config, channel, model, optimizer, its data."""
+    """Everything one rank needs to train: config, transport, model, optimizer, its data."""
 
     cfg: Config
-    channel: Channel
+    transport: Transport
     model: FlatModel
     optimizer: torch.optim.Optimizer
     assignment: Assignment        # which worker holds which data blocks (plain or coded)
@@ -71,18 +72,18 @@ class Session:
 
     @property
     def rank(self) -> int:
-        return self.channel.rank
+        return self.transport.rank
 
     @property
     def n_workers(self) -> int:
-        return self.channel.size - 1
+        return self.transport.size - 1
 
     @property
     def is_server(self) -> bool:
         return self.rank == SERVER
 
 
-def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm,
+def start_session(config_path: str | None, overrides: list[str], transport: Transport,
                   resume: str | None = None) -> Session:
     """Run the start-up sequence on every rank; bad input ends all ranks with one line.
 
@@ -90,42 +91,48 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm,
     ``config.yaml``, the output goes to that run folder, and the checkpoint must be compatible.
     """
     log = logging.getLogger("hpcfed")
-    if comm.Get_size() < 2:
+    if transport.size < 2:
         raise HpcfedError(f"hpcfed run needs at least 2 MPI ranks (rank 0 is the server, ranks 1.. are "
                           f"workers); launch it as: {LAUNCH_HINT}", everywhere=True)
 
     def configure() -> tuple[Config, Path | None]:
         if resume is None:
             return load_config(config_path, overrides), None
-        from hpcfed import checkpointing
+        from hpcfed import resume as resuming
         from hpcfed.io.checkpoint import read_checkpoint
 
-        run_dir, checkpoint, warnings = checkpointing.locate(resume)
+        run_dir, checkpoint, warnings = resuming.locate(resume)
         for warning in warnings:
             log.warning("warning: %s", warning)
         cfg = load_config(config_path or str(run_dir / "config.yaml"), [*overrides, f"output.dir={run_dir}"])
         _, attrs = read_checkpoint(checkpoint)
-        checkpointing.check_compatible(str(attrs["config"]), cfg, comm.Get_size(), int(attrs["world_size"]))
+        resuming.check_compatible(str(attrs["config"]), cfg, transport.size, int(attrs["world_size"]))
         log.info("resuming %s from %s", run_dir, checkpoint.name)
         return cfg, checkpoint
 
-    cfg, checkpoint = comm.bcast(agree(comm, configure), root=SERVER)
-    torch.set_num_threads(cfg.train.threads)
-    channel = Channel(comm)
-    placement, memory, cuda_aware = place_rank(cfg, comm)
+    cfg, checkpoint = transport.bcast(transport.agree(configure))
+    limit_threads(cfg.train.threads)
+    placement, memory, cuda_aware = place_rank(cfg, transport)
     placement.activate()   # before anything lands on the GPU (direct transfers receive data into device memory)
-    n_workers = comm.Get_size() - 1
+    n_workers = transport.size - 1
 
-    def prepare() -> tuple[Dataset, Dataset | None, list[Dataset], Assignment, Path]:
-        full = load_dataset(cfg.data, cfg.seed)
+    by_index = cfg.data.read == "index"
+
+    def prepare() -> tuple[Dataset, Dataset | None, list[Dataset | Labels], Assignment, Path]:
+        full = load_labels(cfg.data, cfg.seed) if by_index else load_dataset(cfg.data, cfg.seed)
         train, test = train_test_split(full, cfg.data.test_fraction, cfg.seed)
         validation, train = carve_validation(cfg, train)
         assignment, blocks, shared = data_layout(cfg, train, n_workers)
+        if by_index:   # rank 0 reads only the rows it evaluates or trains on itself
+            test, validation, shared = (None if part is None else
+                                        read_dataset(cfg.data.path, part.ids, part.y, part.num_classes)
+                                        for part in (test, validation, shared))
+        build_model(cfg.model, test.sample_shape, test.num_classes, cfg.seed)   # a bad model writes nothing
         run_dir = make_run_dir(cfg, config_path, resuming=checkpoint is not None)
         write_splits(run_dir / "splits.h5", test, shared, blocks, assignment)
         return test, shared, validation, blocks, assignment, run_dir
 
-    prepared = agree(comm, prepare)
+    prepared = transport.agree(prepare)
     if prepared is not None:
         test, shared_set, validation, blocks, assignment, run_dir = prepared
         log.info("run directory %s; %d training samples in %d blocks over %d workers (%s), %d test samples%s",
@@ -135,38 +142,70 @@ def start_session(config_path: str | None, overrides: list[str], comm: MPI.Comm,
         common = (test.sample_shape, test.num_classes, assignment)
     else:
         test, shared_set, validation, blocks, run_dir, common = None, None, None, [], None, None
-    sample_shape, num_classes, assignment = comm.bcast(common, root=SERVER)
+    sample_shape, num_classes, assignment = transport.bcast(common)
 
     bytes_data, mine = 0, {}
-    faults = Faults(cfg.faults, cfg.seed, channel.rank)
-    if channel.rank == SERVER:
+    faults = Faults(cfg.faults, cfg.seed, transport.rank)
+    sent = ("ids", "y") if by_index else ("x", "y")   # index mode: row ids travel, each worker reads its rows
+    problem = None
+    if transport.rank == SERVER:
         for worker in range(1, n_workers + 1):
-            held = {f"{b}/{name}": getattr(blocks[b], name) for b in assignment.blocks_of(worker - 1) for name in "xy"}
-            bytes_data += channel.send_arrays(held, worker)
+            held = {f"{b}/{name}": getattr(blocks[b], name) for b in assignment.blocks_of(worker - 1) for name in sent}
+            bytes_data += transport.send_arrays(held, worker)
     else:
-        arrays = channel.recv_arrays(SERVER, memory)
-        mine = {b: faults.labels(Dataset(arrays[f"{b}/x"], arrays[f"{b}/y"], num_classes))
-                for b in assignment.blocks_of(channel.rank - 1)}
+        arrays = transport.recv_arrays(SERVER, HOST if by_index else memory)
+        try:
+            mine = {b: faults.labels(worker_block(cfg, arrays, b, num_classes))
+                    for b in assignment.blocks_of(transport.rank - 1)}
+        except HpcfedError as err:
+            problem = f"rank {transport.rank} on {socket.gethostname()}: {err}"
+    transport.agree_everywhere(problem)
 
-    model = FlatModel(build_model(cfg.model, sample_shape, num_classes, cfg.seed).to(placement.torch_device))
+    module, problem = None, None
+    try:   # every rank builds the model (an import path must resolve on every node)
+        module = build_model(cfg.model, sample_shape, num_classes, cfg.seed)
+    except HpcfedError as err:
+        problem = str(err) if transport.rank == SERVER else f"{err} (on rank {transport.rank}, {socket.gethostname()})"
+    transport.agree_everywhere(problem)
+    model = FlatModel(module.to(placement.torch_device))
     initial = model.params.cpu().numpy()
-    comm.Bcast(initial, root=SERVER)
+    transport.bcast_array(initial)
     model.params.copy_(torch.from_numpy(initial))
-    return Session(cfg, channel, model, make_optimizer(cfg.train, model), assignment, mine, test, run_dir, log,
+    return Session(cfg, transport, model, make_optimizer(cfg.train, model), assignment, mine, test, run_dir, log,
                    shared=shared_set, validation=validation, block_sizes=[len(b) for b in blocks],
                    bytes_data=bytes_data, checkpoint=checkpoint, faults=faults, placement=placement,
                    memory=memory, cuda_aware=cuda_aware)
 
 
-def place_rank(cfg: Config, comm: MPI.Comm) -> tuple[Placement, Memory, CudaAwareness]:
+def read_dataset(path: str, ids: np.ndarray, y: np.ndarray, num_classes: int) -> Dataset:
+    """Rows ``ids`` (labels ``y``) of the HDF5 file at ``path`` as a data set (index mode)."""
+    return Dataset(read_rows(path, ids), y, num_classes, ids)
+
+
+def worker_block(cfg: Config, arrays: dict, block: int, num_classes: int) -> Dataset:
+    """One data block a worker received: its samples, or (index mode) its rows read from ``data.path``."""
+    if cfg.data.read == "index":
+        return read_dataset(cfg.data.path, arrays[f"{block}/ids"], arrays[f"{block}/y"], num_classes)
+    return Dataset(arrays[f"{block}/x"], arrays[f"{block}/y"], num_classes)
+
+
+def limit_threads(threads: int) -> None:
+    """Bound this rank's torch, BLAS and OpenMP thread pools (ranks sharing a node must not oversubscribe it)."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
+
+
+def place_rank(cfg: Config, transport: Transport) -> tuple[Placement, Memory, CudaAwareness]:
     """Collective: this rank's device, the agreed CUDA-aware decision, and the transfer path.
 
     Any rank that cannot honour ``device: cuda`` or ``mpi.transfer`` ends every rank with one line.
     """
-    rank = comm.Get_rank()
+    rank = transport.rank
     key = "server_device" if rank == SERVER and cfg.server_device != "auto" else "device"
     setting = getattr(cfg, key)
-    local_rank, source = node_local_rank(comm)
+    local_rank, source = transport.node_local_rank()
     problem, placement = None, Placement("cpu", "fedavg trains on the CPU")
     if cfg.algorithm == "fedavg" and setting == "cuda":
         problem = "device: cuda is supported by algorithm sync; fedavg trains on the CPU (use device: cpu or auto)"
@@ -176,7 +215,7 @@ def place_rank(cfg: Config, comm: MPI.Comm) -> tuple[Placement, Memory, CudaAwar
         except ValueError as err:
             problem = f"{key}: cuda on rank {rank}: {err}"
     decision = cuda_aware_decision(cfg.mpi.cuda_aware)
-    agreed = comm.allreduce(int(decision.cuda_aware), op=MPI.MIN) == 1
+    agreed = transport.allreduce_min(int(decision.cuda_aware)) == 1
     cuda_aware = CudaAwareness(agreed, decision.reason if agreed == decision.cuda_aware
                                else f"not on every rank (here: {decision.reason})")
     on_gpu = placement.device != "cpu"
@@ -184,9 +223,7 @@ def place_rank(cfg: Config, comm: MPI.Comm) -> tuple[Placement, Memory, CudaAwar
         transfer = choose_transfer(cfg.mpi.transfer, on_gpu, agreed)
     except ValueError as err:
         problem = problem or f"mpi.transfer: {cfg.mpi.transfer} on rank {rank}: {err}"
-    problems = [p for p in comm.allgather(problem) if p]
-    if problems:
-        raise HpcfedError(problems[0], everywhere=True)
+    transport.agree_everywhere(problem)
     return placement, Memory(transfer, placement.xp), cuda_aware
 
 
@@ -198,7 +235,7 @@ def data_layout(cfg: Config, train: Dataset, n_workers: int) -> tuple[Assignment
     adjustment, a shared set is carved off first and stays on rank 0 only.
     """
     shared = None
-    node_rule = cfg.aggregation.weighting in ("actor_critic", "median", "trimmed_mean")
+    node_rule = cfg.aggregation.weighting in ("actor_critic", "fltrust", "median", "trimmed_mean")
     if node_rule and cfg.algorithm == "sync" and cfg.coding.enabled and cfg.coding.mode == "coded":
         raise HpcfedError(f"aggregation.weighting={cfg.aggregation.weighting} weighs whole workers; coded blocks "
                           "have several holders: use coding.mode wait-all or drop-stragglers")
@@ -216,8 +253,9 @@ def data_layout(cfg: Config, train: Dataset, n_workers: int) -> tuple[Assignment
 
 
 def carve_validation(cfg: Config, train: Dataset) -> tuple[Dataset | None, Dataset]:
-    """Actor-critic only: (validation set for the reward, kept at rank 0; the rest of the training data)."""
-    if cfg.aggregation.weighting != "actor_critic":
+    """Actor-critic and FLTrust: (rank 0's validation set for the reward and its reference gradient;
+    the rest of the training data)."""
+    if cfg.aggregation.weighting not in ("actor_critic", "fltrust"):
         return None, train
     size = cfg.aggregation.validation_size
     if size >= len(train):
@@ -282,25 +320,20 @@ def make_run_dir(cfg: Config, config_path: str | None, resuming: bool = False) -
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, then rename: readers never see half a file."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    """Write a text file atomically (see :func:`hpcfed.io.write_atomically`)."""
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def parameter_hash(model: FlatModel) -> str:
-    """SHA-256 of the flat parameter bytes: equal hashes mean bit-identical replicas."""
-    return hashlib.sha256(model.params.cpu().numpy().tobytes()).hexdigest()
+    """SHA-256 of the flat parameters and buffers: equal hashes mean bit-identical replicas."""
+    return model.digest()
 
 
 def finish(session: Session, summary: dict) -> dict | None:
     """Gather bytes and parameter hashes from every rank; rank 0 writes summary.json and returns it."""
-    comm = session.channel.comm
-    hashes = comm.gather(parameter_hash(session.model), root=SERVER)
-    sent = comm.gather(session.channel.bytes_sent, root=SERVER)
+    hashes = session.transport.gather(parameter_hash(session.model))
+    sent = session.transport.gather(session.transport.bytes_sent)
+    peak_rss = session.transport.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)   # Linux: KiB
     if not session.is_server:
         return None
     steps = summary["steps"]
@@ -310,9 +343,10 @@ def finish(session: Session, summary: dict) -> dict | None:
         bytes_up_per_worker_step=sum(sent[1:]) / max(1, session.n_workers * steps),
         bytes_data=session.bytes_data,
         wall_time_s=time.monotonic() - session.started,
-        world_size=session.channel.size,
+        world_size=session.transport.size,
         param_hashes=hashes,
         replicas_identical=len(set(hashes)) == 1,
+        peak_rss_mb=peak_rss,
         config_digest=session.cfg.digest(),
     )
     write_atomic(session.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

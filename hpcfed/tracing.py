@@ -8,14 +8,11 @@ import socket
 import time
 
 import h5py
-import mpi4py
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from hpcfed import __version__
 from hpcfed.io.trace import TraceWriter
-from hpcfed.runtime.comm import SERVER
 from hpcfed.session import Session
 
 
@@ -23,10 +20,10 @@ def open_trace(session: Session, step_columns: list[str], worker_columns: list[s
                resume_step: int | None) -> TraceWriter | None:
     """Collective (host names, devices); rank 0 creates RUN_DIR/trace.h5, or reopens it
     on resume, truncated to the checkpoint's step."""
-    comm = session.channel.comm
-    hosts = comm.gather(socket.gethostname(), root=SERVER)
-    devices = comm.gather(f"{session.placement.device} ({session.placement.reason}; transfer "
-                          f"{session.memory.transfer})", root=SERVER)
+    transport = session.transport
+    hosts = transport.gather(socket.gethostname())
+    devices = transport.gather(f"{session.placement.device} ({session.placement.reason}; transfer "
+                               f"{session.memory.transfer})")
     if not session.is_server:
         return None
     path = session.run_dir / "trace.h5"
@@ -42,13 +39,13 @@ def open_trace(session: Session, step_columns: list[str], worker_columns: list[s
         "torch": torch.__version__,
         "numpy": np.__version__,
         "h5py": h5py.__version__,
-        "mpi4py": mpi4py.__version__,
-        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi4py": transport.binding_version(),
+        "mpi_library": transport.library_version(),
         "cuda_aware_mpi": session.cuda_aware.cuda_aware,
         "cuda_aware_reason": session.cuda_aware.reason,
         "hosts": json.dumps(hosts),
         "devices": json.dumps(devices),
-        "world_size": comm.Get_size(),
+        "world_size": transport.size,
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return TraceWriter.create(path, attrs, step_columns, worker_columns, session.n_workers)

@@ -7,7 +7,7 @@ plain scalars and strings, so any HDF5 reader (h5py, h5dump, pandas) understands
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +67,19 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp_path)``, fsync the file, rename it to ``path``, fsync the folder.
+
+    The one atomic-write helper of hpcfed: readers never see half a file, and a failed write
+    leaves no temporary file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    fsync_path(path.parent)

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from hpcfed.errors import HpcfedError
-from hpcfed.io import LIBVER, fsync_path, read_attrs, write_attrs
+from hpcfed.io import LIBVER, read_attrs, write_atomically, write_attrs
 
 FORMAT = "hpcfed-checkpoint"
 FORMAT_VERSION = 1
@@ -64,19 +64,6 @@ def _check_array(name: str, value: Any) -> np.ndarray:
     return array
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp_path)``, fsync the file, rename it to ``path``, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        fsync_path(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 def write_checkpoint(run_dir: str | os.PathLike, step: int, arrays: Mapping[str, np.ndarray],
                      attrs: Mapping[str, Any], keep: int) -> Path:
     """Write checkpoint ``step`` atomically, point `latest` at it, keep the newest ``keep`` files.
@@ -112,8 +99,8 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, arrays: Mapping[str,
                 entries.append((name, array.dtype.newbyteorder("<").str, list(array.shape), crc))
             file.attrs[MARKER] = _manifest_crc(entries, root)  # last: its presence means the file is complete
 
-    _write_atomically(path, write)
-    _write_atomically(folder / LATEST, lambda tmp: tmp.write_text(path.name + "\n"))
+    write_atomically(path, write)
+    write_atomically(folder / LATEST, lambda tmp: tmp.write_text(path.name + "\n"))
     _prune(folder, step, keep)
     return path
 

@@ -1,9 +1,9 @@
-"""Roles, framed buffer messages and byte counting: the one place that talks MPI.
+"""Roles and framed buffer messages (no MPI here: :mod:`hpcfed.runtime.transport` moves frames).
 
 A message is one contiguous uint8 buffer: a fixed 48-byte header (step, kind,
 sender, block, kernel version, payload length, one float metric, flags) followed by the
-payload. Frames are allocated once and reused, travel with upper-case mpi4py calls
-(no pickling on the hot path), and every byte is counted by the rank that sends it.
+payload. Frames are allocated once and reused, travel as raw buffers (upper-case mpi4py
+calls, no pickling on the hot path), and every byte is counted by the transport that sends it.
 A frame lives where its :class:`~hpcfed.runtime.memory.Memory` says (host, pinned host
 staging, or device memory for CUDA-aware MPI).
 The MPI tag is the direction (uplink, downlink, ...); the header says what the frame
@@ -13,12 +13,9 @@ carries and for which step, so receivers can drop stale messages.
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import numpy as np
-from mpi4py import MPI
-
-from hpcfed.errors import HpcfedError
 from hpcfed.xp import array_module, copy_into
 from hpcfed.runtime.memory import HOST, Memory
 
@@ -27,7 +24,6 @@ HEADER = np.dtype([
     ("version", "<i4"), ("length", "<i8"), ("metric", "<f8"), ("flags", "<i8"),
 ])
 SERVER = 0
-T = TypeVar("T")
 
 
 class Kind(IntEnum):
@@ -116,86 +112,3 @@ class Frame:
 
     def field(self, name: str) -> int | float:
         return self.head[name][0].item()
-
-
-class Channel:
-    """Point-to-point and broadcast transfers of frames over one communicator, with byte counts."""
-
-    def __init__(self, comm: MPI.Comm) -> None:
-        self.comm = comm
-        self.rank = comm.Get_rank()
-        self.size = comm.Get_size()
-        self.bytes_sent = 0
-
-    @staticmethod
-    def _message(frame: Frame, nbytes: int | None = None) -> list:
-        """The MPI buffer spec of a frame (its first ``nbytes``, or all of it to receive)."""
-        frame.memory.ready()
-        view = frame.buffer if nbytes is None else frame.buffer[:nbytes]
-        return [frame.memory.for_mpi(view), MPI.BYTE]
-
-    def send(self, frame: Frame, nbytes: int, dest: int) -> None:
-        self.comm.Send(self._message(frame, nbytes), dest=dest, tag=self._tag(frame))
-        self.bytes_sent += nbytes
-
-    def isend(self, frame: Frame, nbytes: int, dest: int) -> MPI.Request:
-        """Non-blocking send; the frame must not change until the request completes."""
-        self.bytes_sent += nbytes
-        return self.comm.Isend(self._message(frame, nbytes), dest=dest, tag=self._tag(frame))
-
-    def recv(self, frame: Frame, source: int, tag: Tag) -> None:
-        self.comm.Recv(self._message(frame), source=source, tag=int(tag))
-        frame.arrived()
-
-    def irecv(self, frame: Frame, source: int, tag: Tag) -> MPI.Request:
-        """Non-blocking receive; call ``frame.arrived()`` once it completes (:class:`Inbox` does)."""
-        return self.comm.Irecv(self._message(frame), source=source, tag=int(tag))
-
-    @staticmethod
-    def _tag(frame: Frame) -> int:
-        return int(TAG_OF[Kind(frame.field("kind"))])
-
-    def bcast(self, frame: Frame, nbytes: int, root: int = SERVER) -> None:
-        """Collective broadcast of the first ``nbytes`` of ``frame``; the root counts one copy per receiver."""
-        self.comm.Bcast(self._message(frame, nbytes), root=root)
-        frame.arrived()
-        if self.rank == root:
-            self.bytes_sent += nbytes * (self.size - 1)
-
-    def send_arrays(self, arrays: dict[str, np.ndarray], dest: int) -> int:
-        """Start-up transfer of named arrays (shapes by a small pickle, data as raw buffers)."""
-        self.comm.send({k: (a.dtype.str, a.shape) for k, a in arrays.items()}, dest=dest, tag=int(Tag.DATA))
-        sent = 0
-        for array in arrays.values():
-            contiguous = np.ascontiguousarray(array)
-            self.comm.Send([contiguous.reshape(-1).view(np.uint8), MPI.BYTE], dest=dest, tag=int(Tag.DATA))
-            sent += contiguous.nbytes
-        return sent
-
-    def recv_arrays(self, source: int, memory: Memory = HOST) -> dict[str, Any]:
-        """The arrays of :meth:`send_arrays`, received where ``memory`` keeps data (device memory when direct)."""
-        layout = self.comm.recv(source=source, tag=int(Tag.DATA))
-        arrays = {}
-        for name, (dtype, shape) in layout.items():
-            raw = memory.data_buffer(int(np.prod(shape)) * np.dtype(dtype).itemsize)
-            self.comm.Recv([memory.for_mpi(raw), MPI.BYTE], source=source, tag=int(Tag.DATA))
-            arrays[name] = raw.view(np.dtype(dtype)).reshape(shape)
-        return arrays
-
-
-def agree(comm: MPI.Comm, action: Callable[[], T], root: int = SERVER) -> T | None:
-    """Run ``action`` on ``root``; if it raises HpcfedError, every rank raises it together.
-
-    Returns the action's result on ``root`` and None elsewhere. Used for start-up work
-    (config, data, run directory) so a bad input ends all ranks cleanly with status 2.
-    """
-    result, problem = None, None
-    if comm.Get_rank() == root:
-        try:
-            result = action()
-        except HpcfedError as err:
-            problem = str(err)
-    problem = comm.bcast(problem, root=root)
-    if problem is not None:
-        raise HpcfedError(problem, everywhere=True)
-    return result

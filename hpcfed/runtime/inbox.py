@@ -1,46 +1,46 @@
-"""Rank 0's receive side: buffers kept pre-posted for every worker, served by Waitany."""
+"""Rank 0's receive side: buffers kept pre-posted for every worker, served in batches of arrivals."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
-from mpi4py import MPI
-
-from hpcfed.runtime.comm import Channel, Frame, Tag
+from hpcfed.runtime.comm import Frame, Tag
 from hpcfed.runtime.memory import HOST, Memory
 
 
 class Inbox:
-    """``per_worker`` posted receives per worker; a frame stays untouched until :meth:`repost`."""
+    """``per_worker`` posted receives per worker; a frame stays untouched until :meth:`repost`.
 
-    def __init__(self, channel: Channel, workers: Iterable[int], per_worker: int, capacity: int, tag: Tag,
+    Works over any transport with ``irecv``/``wait_some``/``test_some``/``cancel_all`` (MPI or
+    loopback). One wait returns every receive that has completed, so a step costs one wait per
+    batch of arrivals instead of one per message.
+    """
+
+    def __init__(self, transport: Any, workers: Iterable[int], per_worker: int, capacity: int, tag: Tag,
                  memory: Memory = HOST) -> None:
-        self.channel = channel
+        self.transport = transport
         self.tag = tag
         self.sources = [w for w in workers for _ in range(per_worker)]
         self.frames = [Frame(capacity, memory) for _ in self.sources]
-        self.requests = [channel.irecv(f, src, tag) for f, src in zip(self.frames, self.sources)]
+        self.requests = [transport.irecv(f, src, tag) for f, src in zip(self.frames, self.sources)]
 
-    def wait(self) -> int:
-        """Block until some posted receive completes; returns its index."""
-        index = MPI.Request.Waitany(self.requests)
-        self.frames[index].arrived()
-        return index
+    def _arrived(self, done: list[int]) -> list[int]:
+        for index in done:
+            self.frames[index].arrived()
+        return sorted(done)
+
+    def wait(self) -> list[int]:
+        """Block until some posted receives complete; their indices (ascending)."""
+        return self._arrived(self.transport.wait_some(self.requests))
 
     def ready(self) -> list[int]:
         """Indices of receives that have already completed (no waiting)."""
-        done = list(MPI.Request.Testsome(self.requests) or [])
-        for index in done:
-            self.frames[index].arrived()
-        return done
+        return self._arrived(self.transport.test_some(self.requests))
 
     def repost(self, index: int) -> None:
-        """Hand a frame back to MPI for the next message from the same worker."""
-        self.requests[index] = self.channel.irecv(self.frames[index], self.sources[index], self.tag)
+        """Hand a frame back for the next message from the same worker."""
+        self.requests[index] = self.transport.irecv(self.frames[index], self.sources[index], self.tag)
 
     def close(self) -> None:
         """Cancel what is still posted (nothing more will be sent)."""
-        for request in self.requests:
-            if request != MPI.REQUEST_NULL:
-                request.Cancel()
-        MPI.Request.Waitall(self.requests)
+        self.transport.cancel_all(self.requests)

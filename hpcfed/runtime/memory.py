@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcfed.runtime.device import copy_into, synchronize
+from hpcfed.xp import copy_into
 
 TRANSFERS = ("host", "staged", "direct")
 
@@ -89,7 +89,10 @@ class Memory:
 
     def ready(self) -> None:
         """Before MPI touches device memory: finish the queued GPU work that writes it."""
-        synchronize(self.xp)
+        if self.xp is not np:   # torch is loaded only on GPU ranks (hpcfed align runs without it)
+            from hpcfed.runtime.device import synchronize
+
+            synchronize(self.xp)
 
 
 HOST = Memory("host")

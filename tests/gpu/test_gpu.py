@@ -11,7 +11,8 @@ import torch
 from mpi4py import MPI
 
 from conftest import run_mpi
-from hpcfed.runtime.comm import Channel, Frame, Kind, Tag
+from hpcfed.runtime.comm import Frame, Kind, Tag
+from hpcfed.runtime.transport import Transport
 from hpcfed.runtime.device import as_array, as_tensor, cuda_aware_decision, cupy_or_none
 from hpcfed.runtime.memory import Memory
 
@@ -51,7 +52,7 @@ def test_direct_frames_live_on_the_device():
 @pytest.mark.skipif(not cuda_aware_decision().cuda_aware, reason="MPI is not CUDA-aware")
 def test_device_frames_travel_through_cuda_aware_mpi():
     memory = Memory("direct", cp)
-    channel = Channel(MPI.COMM_SELF)
+    channel = Transport(MPI.COMM_SELF)
     outbox, inbox = Frame(4 * 256, memory), Frame(4 * 256, memory)
     values = cp.linspace(-1, 1, 256, dtype=cp.float32)
     nbytes = outbox.write(values, step=2, kind=Kind.GRADIENT, sender=0)

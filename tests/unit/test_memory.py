@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from hpcfed.runtime.comm import HEADER, Channel, Frame, Kind, Tag
+from hpcfed.runtime.comm import HEADER, Frame, Kind, Tag
+from hpcfed.runtime.transport import Transport
 from hpcfed.runtime.device import cuda_aware_decision, select_device
 from hpcfed.runtime.memory import HostCudaView, Memory, choose_transfer
 
@@ -49,7 +50,7 @@ def test_direct_hands_mpi_only_a_cuda_array_interface():
 @pytest.mark.parametrize("transfer", TRANSFERS)
 def test_frames_travel_through_mpi_on_every_path(transfer):
     memory = Memory(transfer)
-    channel = Channel(MPI.COMM_SELF)
+    channel = Transport(MPI.COMM_SELF)
     outbox, inbox = Frame(40, memory), Frame(40, memory)
     values = np.linspace(-1, 1, 10, dtype=np.float32)
     nbytes = outbox.write(values, step=5, kind=Kind.GRADIENT, sender=0, block=3)
@@ -64,7 +65,7 @@ def test_frames_travel_through_mpi_on_every_path(transfer):
 
 @pytest.mark.parametrize("transfer", TRANSFERS)
 def test_start_up_arrays_arrive_on_every_path(transfer):
-    channel = Channel(MPI.COMM_SELF)
+    channel = Transport(MPI.COMM_SELF)
     arrays = {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "y": np.array([1, 0], dtype=np.int64)}
     requests = []
 
