@@ -1,35 +1,35 @@
-"""In-process simulation of synchronous SGD with the gradient codec, for choosing settings.
+"""In-process runs of algorithm ``sync`` with the gradient codec, for choosing codec settings.
 
-The quickstart task: sklearn digits (80/20 split by seed), the 2-conv CNN (151,306
-parameters), 4 simulated workers (iid shards), 300 steps, batch 32 per worker, SGD
-lr 0.05 momentum 0.9, mean of worker gradients. Each step follows the product's sync
-loop: workers encode -> rank 0 decodes each -> mean -> rank 0 encodes the aggregate
-once -> every rank decodes those bytes -> optimizer step; kernel exchanges whenever
-``kernel_due``. Uplink bytes per worker and step count packets AND local kernels;
-downlink counts the aggregate packet and the global kernel.
+Each run is the product's own step (:mod:`hpcfed.algorithms.sync_loopback`: rank 0's and every
+worker's step core in one process over the loopback transport, the real frames and byte counts),
+so nothing here re-implements the step. Uplink bytes per worker and step count every frame a worker
+sends (headers, packets, local kernels, buffers); downlink counts rank 0's frames per worker.
 
-    PYTHONPATH=. python benchmarks/codec_sim.py --seeds 0 1 2
+    PYTHONPATH=. python benchmarks/codec_sim.py --seeds 0 1 2                       # digits, the sweep
     PYTHONPATH=. python benchmarks/codec_sim.py --setting "keep=0.03,bits=4,block=16" --seeds 0
+    PYTHONPATH=. python benchmarks/codec_sim.py --data mnist1d --samples 20000 --model cnn1d_small \\
+        --steps 3000 --setting "" --setting "enabled=false"
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from hpcfed.codec import CompressionSettings, GradientCodec
-from hpcfed.data.partition import iid
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-SWEEP = [                      # over the defaults (keep 0.02, 4 bits, block 8, refresh 2, history 2)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from hpcfed.algorithms import sync_loopback  # noqa: E402
+from hpcfed.config import load_config  # noqa: E402
+from hpcfed.data.datasets import load_dataset  # noqa: E402
+
+SWEEP = [                      # over the compression defaults
     "enabled=false",
     "",
     "bits=2",
@@ -37,71 +37,25 @@ SWEEP = [                      # over the defaults (keep 0.02, 4 bits, block 8, 
 ]
 
 
-def parse_setting(text: str) -> CompressionSettings:
-    """'key=value,...' over the defaults (bools: true/false)."""
-    types = {f.name: f.type for f in dataclasses.fields(CompressionSettings)}
-    values = {}
-    for item in filter(None, text.split(",")):
-        key, value = item.split("=")
-        kind = str(types[key])
-        values[key] = value.lower() == "true" if "bool" in kind else float(value) if "float" in kind else int(value)
-    return CompressionSettings(**values)
+def overrides(setting: str) -> list[str]:
+    """'key=value,...' of the compression section as --set overrides (compression on unless said)."""
+    items = [f"compression.{item}" for item in filter(None, setting.split(","))]
+    return ["compression.enabled=true", *items]
 
 
-def cnn() -> nn.Module:
-    """The quickstart CNN for 1x8x8 digits (151,306 parameters)."""
-    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
-def simulate(cfg: CompressionSettings, seed: int, steps: int, workers: int = 4, batch: int = 32) -> dict:
-    """Train once; returns accuracy and byte counts."""
-    digits = load_digits()
-    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(digits.target)
-    train, test = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=digits.target)
-    shards = [train[part] for part in iid(len(train), workers, seed)]
-    torch.manual_seed(seed)
-    model = cnn()
-    params = list(model.parameters())
-    n = sum(p.numel() for p in params)
-    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    codecs = [GradientCodec(n, cfg, seed=seed, rank=r) for r in range(workers + 1)]   # 0 = server
-    rngs = [np.random.default_rng([seed, w]) for w in range(workers)]
-    up = down = 0
-    shares = []                                           # energy share each compressed packet carried
-    for step in range(steps):
-        if codecs[0].kernel_due(step):
-            local = [c.local_kernel() for c in codecs[1:]]
-            merged = codecs[0].merge_kernels(local)
-            for c in codecs:
-                c.install_kernel(merged)
-            up += sum(p.size for p in local)
-            down += merged.size
-        decoded = []
-        for w in range(workers):
-            idx = rngs[w].choice(shards[w], batch, replace=False)
-            model.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            grad = torch.cat([p.grad.reshape(-1) for p in params]).numpy()
-            packet = codecs[w + 1].encode(grad, step)
-            assert packet.size == codecs[0].payload_nbytes(step)
-            up += packet.size
-            if codecs[0].compressed(step):
-                shares.append(int(packet[-1]) / 127)
-            decoded.append(codecs[0].decode(packet, step))
-        aggregate = codecs[0].encode(np.mean(decoded, axis=0), step)
-        down += aggregate.size
-        update = [c.decode(aggregate, step) for c in codecs][0]
-        offset = 0
-        for p in params:
-            p.grad = torch.from_numpy(update[offset: offset + p.numel()].copy()).view_as(p)
-            offset += p.numel()
-        opt.step()
-    with torch.no_grad():
-        acc = (model(x[test]).argmax(1) == y[test]).float().mean().item()
-    return {"accuracy": 100 * acc, "up": up / (steps * workers), "down": down / steps,
-            "share": float(np.mean(shares)) if shares else 1.0}
+def simulate(args: argparse.Namespace, setting: str, seed: int, data) -> dict:
+    """One run; accuracy (%) and bytes per worker per step, up and down."""
+    base = [f"seed={seed}", f"data.name={args.data}", f"model.name={args.model}", f"train.steps={args.steps}",
+            f"train.lr={args.lr}", "train.batch_size=32", "checkpoint.every=0"]
+    if args.samples:
+        base.append(f"data.samples={args.samples}")
+    cfg = load_config(None, [*base, *overrides(setting)])
+    run = sync_loopback.build(cfg, args.workers, data).run()
+    per = args.workers * args.steps
+    up = sum(core.transport.bytes_sent for core in run.workers.values()) / per
+    return {"accuracy": 100 * sync_loopback.accuracy_of(run, cfg, data), "up": up,
+            "down": run.server.transport.bytes_sent / per, "identical": run.replicas_identical(),
+            "dense_up": 48 + 4 * run.server.replica.model.size}
 
 
 def main() -> None:
@@ -109,6 +63,11 @@ def main() -> None:
     parser.add_argument("--setting", action="append", help="'key=value,...' (repeatable); default: a sweep")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--samples", type=int, default=None, help="mnist1d/synthetic: samples generated")
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--quick", action="store_true", help="smoke run: 30 steps, one seed, two settings")
     parser.add_argument("--out", default="bench-out/codec_sim.json")
     args = parser.parse_args()
@@ -117,24 +76,26 @@ def main() -> None:
     if args.quick:
         settings, args.seeds, args.steps = settings[:2], args.seeds[:1], 30
     rows = []
-    dense_up = 4 * sum(p.numel() for p in cnn().parameters())
-    print("| setting | seeds | accuracy % (each) | mean acc % | up B/worker/step | ratio vs dense | down B/step "
-          "| energy share carried |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"{args.data}, model {args.model}, {args.workers} workers, {args.steps} steps, lr {args.lr}")
+    print("| setting | seeds | accuracy % (each) | mean ± std % | up B/worker/step | ratio vs dense "
+          "| down B/worker/step |")
+    print("|---|---|---|---|---|---|---|")
     for text in settings:
-        cfg = parse_setting(text)
         start = time.perf_counter()
-        runs = [simulate(cfg, seed, args.steps) for seed in args.seeds]
+        runs = []
+        for seed in args.seeds:
+            cfg = load_config(None, [f"seed={seed}", f"data.name={args.data}"]
+                              + ([f"data.samples={args.samples}"] if args.samples else []))
+            runs.append(simulate(args, text, seed, load_dataset(cfg.data, seed)))
         accs = [r["accuracy"] for r in runs]
-        up, down = np.mean([r["up"] for r in runs]), np.mean([r["down"] for r in runs])
-        share = np.mean([r["share"] for r in runs])
-        rows.append({"setting": text or "defaults", "config": dataclasses.asdict(cfg), "seeds": args.seeds,
-                     "accuracy": accs, "up_bytes": up, "down_bytes": down, "share": share,
+        up, down, dense = (float(np.mean([r[k] for r in runs])) for k in ("up", "down", "dense_up"))
+        rows.append({"setting": text or "defaults", "seeds": args.seeds, "accuracy": accs, "up_bytes": up,
+                     "down_bytes": down, "dense_up_bytes": dense, "identical": all(r["identical"] for r in runs),
                      "seconds": time.perf_counter() - start})
-        print(f"| {text or 'defaults'} | {len(accs)} | {' '.join(f'{a:.2f}' for a in accs)} | {np.mean(accs):.2f} "
-              f"| {up:,.0f} | {dense_up / up:.1f}x | {down:,.0f} | {share:.2f} |", flush=True)
+        print(f"| {text or 'defaults'} | {len(accs)} | {' '.join(f'{a:.2f}' for a in accs)} "
+              f"| {np.mean(accs):.2f} ± {np.std(accs):.2f} | {up:,.0f} | {dense / up:.1f}x | {down:,.0f} |", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"steps": args.steps, "dense_up_bytes": dense_up, "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ def mpiexec() -> str:
     return str(candidate) if candidate.exists() else "mpiexec"
 
 
-def run_hpcfed(ranks: int, overrides: list[str], config: str | None = None, timeout: float = 1800) -> dict:
-    """One `hpcfed run` under mpiexec; returns its summary.json (raises with stderr on failure)."""
+def run_hpcfed(ranks: int, overrides: list[str], config: str | None = None, timeout: float = 1800,
+               phases: tuple[str, ...] = ()) -> dict:
+    """One `hpcfed run` under mpiexec; returns its summary.json (raises with stderr on failure), with the
+    trace's per-worker weights and the mean over steps of the trace columns named in ``phases``."""
     with tempfile.TemporaryDirectory() as out:
         args = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpcfed", "run"]
         args += [config] if config else []
@@ -33,6 +35,7 @@ def run_hpcfed(ranks: int, overrides: list[str], config: str | None = None, time
         summary = json.loads(Path(out, "run", "summary.json").read_text())
         with h5py.File(Path(out, "run", "trace.h5"), "r") as trace:   # per-worker weights (step x worker)
             summary["trace_weights"] = trace["workers/weight"][:]
+            summary["trace_phases"] = {p: float(trace[f"steps/{p}"][:].mean()) for p in phases}
         return summary
 
 

@@ -2,19 +2,17 @@
 
 import sys
 
-from mpi4py import MPI
-
 from hpcfed import cli
-from hpcfed.algorithms import sync_ps
+from hpcfed.algorithms import sync_core
 
-original = sync_ps.compute_gradient
+original = sync_core.WorkerCore.upload
 
 
-def failing(session, x, y, step):
-    if MPI.COMM_WORLD.Get_rank() == 1 and step == 5:
+def failing(self, step, stop_requested=False):
+    if self.rank == 1 and step == 5:
         raise RuntimeError("injected failure at step 5")
-    return original(session, x, y, step)
+    return original(self, step, stop_requested)
 
 
-sync_ps.compute_gradient = failing
+sync_core.WorkerCore.upload = failing
 sys.exit(cli.main(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""Coded sample-set blocks under real stragglers: exact gradients, no stretched steps, no hangs."""
+"""Coded sample-set blocks under real stragglers: exact gradients, who was used, no hangs (no timings)."""
 
 import json
 
@@ -25,8 +25,7 @@ def test_coded_run_ignores_a_2s_straggler_and_stays_exact(tmp_path):
     assert coded["param_hashes"][0] == plain["param_hashes"][0]
     assert abs(coded["final_accuracy"] - plain["final_accuracy"]) <= 0.005
     assert coded["replicas_identical"]
-    # not stretched: a step costs far less than the straggler's 2 s, and the straggler is rarely used
-    assert coded["time_per_step_s"] < 0.5
+    # what happened: the straggler is rarely used and rejoins by resync (timings: benchmarks/stragglers.py)
     assert coded["used_fraction"][1] <= 0.1 and coded["resyncs"] >= 1
 
 
@@ -35,8 +34,8 @@ def test_wait_all_is_held_back_and_drop_stragglers_skips(tmp_path):
              "--set", "train.steps=10"]
     wait_all = run(tmp_path, "wait", *delay)
     dropped = run(tmp_path, "drop", "--set", "coding.enabled=true", "--set", "coding.mode=drop-stragglers", *delay)
-    assert wait_all["mean_wait_s"] >= 0.2
-    assert dropped["mean_wait_s"] < 0.2 and dropped["used_fraction"][2] < 0.5
+    assert wait_all["used_fraction"] == [1.0] * 4 and wait_all["resyncs"] == 0   # held back for rank 3
+    assert dropped["used_fraction"][2] < 0.5 and dropped["resyncs"] >= 1         # skipped, then resynced
     assert wait_all["replicas_identical"] and dropped["replicas_identical"]
 
 

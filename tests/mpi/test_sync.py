@@ -47,7 +47,6 @@ def test_quickstart_reaches_95_percent(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = summary_of(tmp_path)
     assert summary["final_accuracy"] >= 0.95 and summary["replicas_identical"]
-    assert summary["wall_time_s"] < 180
 
 
 def test_hdf5_data_config(tmp_path):
