@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from hpcfed.aggregation.combiner import Combiner
 from hpcfed.coding import block_batch
@@ -31,8 +30,8 @@ from hpcfed.seeding import rng
 from hpcfed.session import Session, finish
 from hpcfed.tracing import open_trace
 
-STEP_COLUMNS = ["step", "loss", "accuracy", "accuracy_before_adjust", "test_loss", "bytes_up", "bytes_down",
-                "wall_s", "t_clients", "t_adjust"]
+STEP_COLUMNS = ["step", "loss", "accuracy", "accuracy_before_adjust", "adjust_accepted", "test_loss", "bytes_up",
+                "bytes_down", "wall_s", "t_clients", "t_adjust"]
 WORKER_COLUMNS = ["bytes", "used", "weight"]
 
 
@@ -45,9 +44,34 @@ def host_of(client: int, n_workers: int) -> int:
     return 1 + client % n_workers
 
 
+def model_floats(model: FlatModel) -> int:
+    """Floats of a model frame: the parameters, then the buffers (BatchNorm statistics)."""
+    return model.size + model.buffer_size
+
+
+def mean_buffers(reported: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    """The clients' buffers averaged by sample count, in client order (the same bytes on every run)."""
+    total = np.zeros_like(reported[0])
+    for buffers, count in zip(reported, counts):
+        total += np.float32(count) * buffers
+    return total / np.float32(sum(counts))
+
+
+def validation_delta(model: FlatModel, validation: tuple[torch.Tensor, torch.Tensor], lr: float) -> np.ndarray:
+    """Rank 0's reference update: one step of -lr * gradient on its validation set (buffers untouched)."""
+    buffers = model.export_buffers()
+    model.backward(*validation)
+    model.import_buffers(buffers)
+    return (-lr * model.grads).numpy().copy()
+
+
+def clients_per_round(clients: int, fraction: float) -> int:
+    return max(1, int(round(fraction * clients)))
+
+
 def sample_clients(seed: int, round_: int, clients: int, fraction: float) -> np.ndarray:
     """The round's clients: a seeded choice without replacement, sorted."""
-    count = max(1, int(round(fraction * clients)))
+    count = clients_per_round(clients, fraction)
     return np.sort(rng(seed, "clients", round_).choice(clients, size=count, replace=False))
 
 
@@ -57,7 +81,7 @@ def round_flags(session: Session, stop: StopRequest, completed: int, first: int)
     Rounds run in lockstep, so one allreduce of the ranks' stop signals agrees on a stop.
     """
     every, last = session.cfg.checkpoint.every, session.cfg.federated.rounds
-    stopping = session.channel.comm.allreduce(int(stop.requested), op=MPI.MAX) and completed < last
+    stopping = session.transport.allreduce_max(int(stop.requested)) and completed < last
     flags = Flag.STOP | Flag.CHECKPOINT if stopping else 0
     if completed == last or (every > 0 and completed % every == 0 and completed > first):
         flags |= Flag.CHECKPOINT
@@ -67,7 +91,7 @@ def round_flags(session: Session, stop: StopRequest, completed: int, first: int)
 def local_state(session: Session, kept: dict[int, list[torch.Tensor]], combiner: Combiner | None) -> LocalState:
     """This rank's own state: clients' kept optimizer state (workers), the combiner (rank 0), fault RNGs."""
     arrays = {f"clients/{c}/{i}": t.numpy() for c, tensors in kept.items() for i, t in enumerate(tensors)}
-    values = {"bytes_sent": session.channel.bytes_sent, "faults": session.faults.state()}
+    values = {"bytes_sent": session.transport.bytes_sent, "faults": session.faults.state()}
     for key, value in (combiner.state_dict() if combiner else {}).items():
         (arrays if isinstance(value, np.ndarray) else values)[f"combiner/{key}"] = value
     return LocalState(arrays, values)
@@ -82,15 +106,15 @@ def load_local_state(session: Session, local: LocalState, kept: dict[int, list[t
     if combiner is not None:
         flat = {**local.arrays, **local.values}
         combiner.load_state_dict({k.removeprefix("combiner/"): v for k, v in flat.items() if k.startswith("combiner/")})
-    session.channel.bytes_sent = int(local.values["bytes_sent"])
+    session.transport.bytes_sent = int(local.values["bytes_sent"])
     session.faults.load_state(local.values["faults"])
 
 
 def server(session: Session) -> dict | int:
-    cfg, fed, model, channel = session.cfg, session.cfg.federated, session.model, session.channel
+    cfg, fed, model, transport = session.cfg, session.cfg.federated, session.model, session.transport
     plan = Frame(8 * fed.clients)
-    outbox = Frame(4 * model.size)
-    inbox = [Frame(4 * model.size) for _ in range(fed.clients)]
+    outbox = Frame(4 * model_floats(model))
+    inbox = [Frame(4 * model_floats(model)) for _ in range(fed.clients)]
     x_test, y_test = torch.from_numpy(session.test.x), torch.from_numpy(session.test.y)
     combiner = Combiner(cfg.aggregation, fed.clients, cfg.seed)
     first = 0
@@ -116,29 +140,38 @@ def server(session: Session) -> dict | int:
             trace.close()
             progress.close()
             return EXIT_RESUMABLE
-        round_start, sent_before = time.monotonic(), channel.bytes_sent
+        round_start, sent_before = time.monotonic(), transport.bytes_sent
         chosen = sample_clients(cfg.seed, round_, fed.clients, fed.fraction)
         plan.write(chosen.astype(np.int64), step=round_, kind=Kind.PLAN, sender=SERVER)
-        channel.bcast(plan, plan.buffer.size)   # fixed size: a collective needs the same count everywhere
-        nbytes = outbox.write(model.params.numpy(), step=round_, kind=Kind.MODEL, sender=SERVER)
+        transport.bcast_frame(plan, plan.buffer.size)   # fixed size: a collective needs the same count everywhere
+        nbytes = outbox.write([model.params.numpy(), model.export_buffers().numpy()], step=round_, kind=Kind.MODEL,
+                              sender=SERVER)
         hosts = sorted({host_of(c, session.n_workers) for c in chosen})
-        sends = [channel.isend(outbox, nbytes, rank) for rank in hosts]
-        receives = [channel.irecv(inbox[c], host_of(c, session.n_workers), Tag.UPLINK) for c in chosen]
-        MPI.Request.Waitall(sends + receives)
-        delta, weights = combiner.combine(list(chosen), [inbox[c].payload(np.float32) for c in chosen],
-                                          [session.block_sizes[c] for c in chosen])   # client order: reproducible
+        sends = [transport.isend(outbox, nbytes, rank) for rank in hosts]
+        receives = [transport.irecv(inbox[c], host_of(c, session.n_workers), Tag.UPLINK) for c in chosen]
+        transport.wait_all(sends + receives)
+        uploads = [inbox[c].payload(np.float32) for c in chosen]   # client order: reproducible
+        counts = [session.block_sizes[c] for c in chosen]
+        reference = None
+        if combiner.learns or combiner.wants_reference:
+            reference = validation_delta(model, validation, cfg.train.lr)
+        delta, weights = combiner.combine(list(chosen), [u[:model.size] for u in uploads], counts,
+                                          reference=reference)
         before = model.evaluate(*validation)[0] if combiner.learns else 0.0
         model.params.add_(torch.from_numpy(np.asarray(delta, dtype=np.float32)))
+        model.import_buffers(torch.from_numpy(mean_buffers([u[model.size:] for u in uploads], counts)))
         if combiner.learns:
             combiner.feedback(before - model.evaluate(*validation)[0])
         client_loss = float(np.mean([inbox[c].field("metric") for c in chosen]))
-        loss_before, acc_before = model.evaluate(x_test, y_test)
+        loss_before, acc_before = model.evaluate(x_test, y_test, cfg.train.eval_batch_size)
         record = {"round": round_, "clients": chosen.tolist(), "client_loss": client_loss,
                   "test_loss_before_adjust": loss_before, "accuracy_before_adjust": acc_before}
         t_clients, clock = time.monotonic() - round_start, time.monotonic()
         if session.shared is not None:
             record.update(server_adjust(model, session.shared, fed.server_adjust, cfg.seed, round_))
-        loss, accuracy = model.evaluate(x_test, y_test) if session.shared is not None else (loss_before, acc_before)
+        adjusted = session.shared is not None and record["adjust_accepted"]
+        loss, accuracy = model.evaluate(x_test, y_test, cfg.train.eval_batch_size) if adjusted else (loss_before,
+                                                                                                     acc_before)
         record.update(test_loss=loss, accuracy=accuracy)
         rounds.append(record)
         received, used = np.zeros(session.n_workers), np.zeros(session.n_workers)
@@ -148,8 +181,9 @@ def server(session: Session) -> dict | int:
             received[host] += inbox[c].field("length") + HEADER.itemsize
             used[host], share[host] = 1, share[host] + weight   # NaN for rules without weights
         trace.append_step({"step": round_, "loss": client_loss, "accuracy": accuracy, "accuracy_before_adjust":
-                           acc_before, "test_loss": loss, "bytes_up": received.sum(),
-                           "bytes_down": channel.bytes_sent - sent_before, "wall_s": time.monotonic() - session.started,
+                           acc_before, "adjust_accepted": record.get("adjust_accepted", 0), "test_loss": loss,
+                           "bytes_up": received.sum(),
+                           "bytes_down": transport.bytes_sent - sent_before, "wall_s": time.monotonic() - session.started,
                            "t_clients": t_clients, "t_adjust": time.monotonic() - clock},
                           {"bytes": received, "used": used.astype(np.int8), "weight": share})
         progress.advance(accuracy=accuracy)
@@ -159,16 +193,18 @@ def server(session: Session) -> dict | int:
     path = checkpointing.save(session, fed.rounds, local_state(session, {}, combiner))
     trace.event(fed.rounds, "checkpoint", path.name)
     trace.close()
-    final_loss, final_accuracy = model.evaluate(x_test, y_test)
+    final_loss, final_accuracy = model.evaluate(x_test, y_test, cfg.train.eval_batch_size)
     save_model(session.run_dir / "model.h5", model.module, {"config": cfg.to_yaml(), "rounds": fed.rounds})
     train_time_s = time.monotonic() - start
+    share_global_model(session)
     return finish(session, {
         "steps": fed.rounds,
         "rounds": fed.rounds,
         "final_accuracy": final_accuracy,
         "final_test_loss": final_loss,
         "train_time_s": train_time_s,
-        "dense_bytes_per_step": 4 * model.size,
+        "dense_bytes_per_step": (HEADER.itemsize + 4 * model_floats(model)) * clients_per_round(fed.clients, fed.fraction)
+                                / session.n_workers,
         "shared_samples": 0 if session.shared is None else len(session.shared),
         "resumed_from_round": first,
         "per_round": rounds,
@@ -176,10 +212,10 @@ def server(session: Session) -> dict | int:
 
 
 def worker(session: Session) -> int | None:
-    fed, model, channel = session.cfg.federated, session.model, session.channel
+    fed, model, transport = session.cfg.federated, session.model, session.transport
     plan = Frame(8 * fed.clients)
-    global_model = Frame(4 * model.size)
-    outbox = Frame(4 * model.size)
+    global_model = Frame(4 * model_floats(model))
+    outbox = Frame(4 * model_floats(model))
     kept: dict[int, list[torch.Tensor]] = {}
     first = 0
     if session.checkpoint is not None:
@@ -193,22 +229,36 @@ def worker(session: Session) -> int | None:
             checkpointing.save(session, round_ - 1, local_state(session, kept, None))
         if flags & Flag.STOP:
             return EXIT_RESUMABLE
-        channel.bcast(plan, plan.buffer.size)
+        transport.bcast_frame(plan, plan.buffer.size)
         mine = [int(c) for c in plan.payload(np.int64) if host_of(int(c), session.n_workers) == session.rank]
         if not mine:
             continue
-        channel.recv(global_model, SERVER, Tag.DOWNLINK)
+        transport.recv(global_model, SERVER, Tag.DOWNLINK)
         start = torch.from_numpy(global_model.payload(np.float32))
         for client in mine:
             loss = train_client(session, client, start, round_, kept)
-            delta = (model.params - start).numpy()
+            delta = (model.params - start[:model.size]).numpy()
             session.faults.update(delta)
-            channel.send(outbox, outbox.write(delta, step=round_, kind=Kind.DELTA, sender=session.rank,
-                                              block=client, metric=loss), SERVER)
+            transport.send(outbox, outbox.write([delta, model.export_buffers().numpy()], step=round_,
+                                                kind=Kind.DELTA, sender=session.rank, block=client, metric=loss),
+                           SERVER)
     round_flags(session, stop, fed.rounds, first)
     checkpointing.save(session, fed.rounds, local_state(session, kept, None))
+    share_global_model(session)
     finish(session, {})
     return None
+
+
+def share_global_model(session: Session) -> None:
+    """Collective, at the end: every rank takes rank 0's final global model (parameters and buffers).
+
+    Between rounds workers hold their last client's weights; after this, the summary's
+    ``replicas_identical`` checks that every rank ends with the same global model."""
+    model = session.model
+    flat = torch.cat([model.params, model.export_buffers()]).numpy()
+    session.transport.bcast_array(flat)
+    model.params.copy_(torch.from_numpy(flat[:model.size]))
+    model.import_buffers(torch.from_numpy(flat[model.size:]))
 
 
 def train_client(session: Session, client: int, start: torch.Tensor, round_: int,
@@ -217,7 +267,8 @@ def train_client(session: Session, client: int, start: torch.Tensor, round_: int
     cfg, model = session.cfg, session.model
     data = session.blocks[client]
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
-    model.params.copy_(start)
+    model.params.copy_(start[:model.size])
+    model.import_buffers(start[model.size:])
     optimizer = make_optimizer(cfg.train, model)
     if cfg.federated.keep_optimizer_state and client in kept:
         for tensor, saved in zip(state_tensors(optimizer), kept[client]):
@@ -237,19 +288,25 @@ def server_adjust(model: FlatModel, shared: Dataset, cfg: ServerAdjustConfig, se
     """Fine-tune the aggregate on the shared set (rank 0 only); it sees no client or test data.
 
     The proximal term (mu/2)||w - w_aggregate||^2 keeps the small shared set from being
-    overfitted; with early stopping, the parameters of the step with the lowest loss on a
-    held-out slice of the shared set are kept (the aggregate itself is a candidate).
+    overfitted. A held-out slice of the shared set judges the result: with ``accept: better``
+    (the default) the adjusted model replaces the aggregate only when its loss there is lower,
+    so the adjustment never makes the held-out loss worse; with early stopping, the step with
+    the lowest held-out loss is kept (the aggregate itself is a candidate). ``accept: always``
+    without early stopping keeps whatever the last step gives (training on the whole shared set).
     """
-    anchor = model.params.clone()
+    anchor, anchor_buffers = model.params.clone(), model.export_buffers()
     train, holdout = shared, None
-    if cfg.early_stop and len(shared) >= 2:
+    if (cfg.early_stop or cfg.accept == "better") and len(shared) >= 2:
         holdout, train = carve(shared, cfg.holdout_fraction, seed, "holdout")
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     optimizer = torch.optim.SGD(model.module.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     pick = rng(seed, "server-adjust", round_)
-    best_loss, best, best_step = float("inf"), anchor.clone(), 0
-    if holdout is not None:
-        best_loss = model.evaluate(torch.from_numpy(holdout.x), torch.from_numpy(holdout.y))[0]
+
+    def held_out_loss() -> float:
+        return model.evaluate(torch.from_numpy(holdout.x), torch.from_numpy(holdout.y))[0]
+
+    base_loss = best_loss = held_out_loss() if holdout is not None else float("nan")
+    best, best_buffers, best_step = anchor, anchor_buffers, 0
     losses = []
     for step in range(1, cfg.steps + 1):
         rows = torch.from_numpy(pick.choice(len(y), size=min(cfg.batch_size, len(y)), replace=False))
@@ -257,10 +314,15 @@ def server_adjust(model: FlatModel, shared: Dataset, cfg: ServerAdjustConfig, se
         if cfg.prox > 0:
             model.grads.add_(model.params - anchor, alpha=cfg.prox)
         optimizer.step()
-        if holdout is not None:
-            loss = model.evaluate(torch.from_numpy(holdout.x), torch.from_numpy(holdout.y))[0]
-            if loss < best_loss:
-                best_loss, best, best_step = loss, model.params.clone(), step
+        if cfg.early_stop and holdout is not None and (loss := held_out_loss()) < best_loss:
+            best_loss, best, best_buffers, best_step = loss, model.params.clone(), model.export_buffers(), step
+    if holdout is not None and not cfg.early_stop:   # accept: better
+        final_loss = held_out_loss()
+        if final_loss < base_loss:
+            best_loss, best, best_buffers, best_step = final_loss, model.params.clone(), model.export_buffers(), cfg.steps
     if holdout is not None:
         model.params.copy_(best)
-    return {"adjust_loss": float(np.mean(losses)), "adjust_steps_kept": best_step if holdout is not None else cfg.steps}
+        model.import_buffers(best_buffers)
+    kept = best_step if holdout is not None else cfg.steps
+    return {"adjust_loss": float(np.mean(losses)), "adjust_steps_kept": kept, "adjust_accepted": int(kept > 0),
+            "holdout_loss_before": base_loss, "holdout_loss_after": best_loss}

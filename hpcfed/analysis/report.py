@@ -79,14 +79,29 @@ def _pick(run: Run, key: str, fallback: float) -> float:
     return float(value)
 
 
+def _workers(run: Run) -> float:
+    """Worker ranks: world_size - 1 (summary.json, else the trace attributes), else the trace's worker columns."""
+    world = _pick(run, "world_size", run.attrs.get("world_size", float("nan")))
+    if np.isfinite(world) and world > 1:
+        return world - 1
+    return float(next((v.shape[1] for v in run.workers.values() if v.ndim == 2), float("nan")))
+
+
 def summarize(run: Run) -> dict[str, float]:
-    """The headline numbers of one run (NaN where neither summary.json nor the trace has them)."""
+    """The headline numbers of one run (NaN where neither summary.json nor the trace has them).
+
+    ``ratio_vs_dense`` is uncompressed over actual uplink bytes per worker and step:
+    dense_bytes_per_step / (bytes_up / (workers * steps)), so a dense run reads 1.0.
+    """
     steps = run.steps
     accuracy = steps.get("accuracy", np.array([]))
     finite = np.isfinite(accuracy)
     n_steps = _pick(run, "steps", len(steps["step"]))
     bytes_up = _pick(run, "bytes_up", np.nansum(steps.get("bytes_up", np.array([]))))
     dense = _pick(run, "dense_bytes_per_step", run.attrs.get("dense_bytes_per_step", float("nan")))
+    worker_steps = _workers(run) * n_steps
+    per_worker_step = _pick(run, "bytes_up_per_worker_step",
+                            bytes_up / worker_steps if worker_steps > 0 else float("nan"))
     row = {
         "steps": n_steps,
         "final_accuracy": _pick(run, "final_accuracy", _last_finite(accuracy)),
@@ -95,7 +110,7 @@ def summarize(run: Run) -> dict[str, float]:
         "wall_time_s": _pick(run, "wall_time_s", _last_finite(steps.get("wall_s"))),
         "bytes_up": bytes_up,
         "bytes_down": _pick(run, "bytes_down", np.nansum(steps.get("bytes_down", np.array([])))),
-        "ratio_vs_dense": dense * n_steps / bytes_up if dense > 0 and bytes_up > 0 else float("nan"),
+        "ratio_vs_dense": dense / per_worker_step if dense > 0 and per_worker_step > 0 else float("nan"),
         "wait_total_s": float(np.nansum(steps["t_wait"])) if "t_wait" in steps else float("nan"),
         "straggler_events": float(np.sum(run.events["kind"] == "straggler")),
     }

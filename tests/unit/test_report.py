@@ -58,7 +58,8 @@ def test_summary_numbers(tmp_path):
                                        "bytes_down": 60_000.0, "wall_time_s": 3.5, "dense_bytes_per_step": 40_000})
     _make_run(tmp_path / "b")
     a = summarize(load_run(str(tmp_path / "a"), "a"))
-    assert a["final_accuracy"] == 0.95 and a["wall_time_s"] == 3.5 and a["ratio_vs_dense"] == pytest.approx(10.0)
+    # 240 kB up over 4 workers x 60 steps = 1 kB per worker and step, against 40 kB dense
+    assert a["final_accuracy"] == 0.95 and a["wall_time_s"] == 3.5 and a["ratio_vs_dense"] == pytest.approx(40.0)
     assert a["best_accuracy"] == pytest.approx(0.99) and a["best_step"] == 49
     assert a["straggler_events"] == 9 and a["t_compute ms"] == pytest.approx(10.0)
     b = summarize(load_run(str(tmp_path / "b"), "b"))  # no summary.json: everything from the trace
@@ -73,7 +74,7 @@ def test_report_of_two_runs_prints_a_table_and_writes_plots(tmp_path, capsys):
     assert main([str(tmp_path / "dense"), str(tmp_path / "coded")], str(out)) == 0
     printed = capsys.readouterr().out
     assert "| dense | 60 |" in printed and "| coded | 60 |" in printed and "mean t_wait ms" in printed
-    assert "| coded | 3 |" in printed and "10.0" in printed
+    assert "| coded | 3 |" in printed and "| 40.0 |" in printed
     _assert_images(out)
 
 
@@ -101,3 +102,18 @@ def test_missing_or_unreadable_run_is_one_line_error(tmp_path):
     (tmp_path / "badsum" / "summary.json").write_text(json.dumps({"steps": "many", "final_accuracy": None}))
     with pytest.raises(HpcfedError, match="summary.json of badsum has steps='many'; expected a number"):
         main([str(tmp_path / "badsum")], None)
+
+
+def test_dense_run_reads_one_x_vs_dense(tmp_path):
+    """Every worker sends the dense gradient each step: 1.0x (not 1/workers), per worker and step."""
+    workers, steps, dense = 3, 20, 4000
+    for name, extra in (("trace", {}), ("summary", {"world_size": workers + 1}),
+                        ("per-step", {"bytes_up_per_worker_step": float(dense), "world_size": 99})):
+        folder = tmp_path / name
+        _make_run(folder, steps=steps, n_workers=workers,
+                  summary={"steps": steps, "bytes_up": workers * steps * dense, "dense_bytes_per_step": dense,
+                           **extra})
+        assert summarize(load_run(str(folder), name))["ratio_vs_dense"] == pytest.approx(1.0), name
+    _make_run(tmp_path / "half", steps=steps, n_workers=workers,
+              summary={"steps": steps, "bytes_up_per_worker_step": dense / 2, "dense_bytes_per_step": dense})
+    assert summarize(load_run(str(tmp_path / "half"), "half"))["ratio_vs_dense"] == pytest.approx(2.0)
