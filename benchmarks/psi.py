@@ -67,24 +67,29 @@ def run_hpcfed(paths: list[Path], ranks_per_party: int, out: Path) -> dict:
 
 
 def worker(config: str) -> None:
-    """Inside mpiexec: time `main` on every rank; rank 0 prints the slowest rank's time as JSON."""
+    """Inside mpiexec: time `main` on every rank; rank 0 prints the slowest rank's time as JSON.
+
+    Like align itself, the worker talks through the project's Transport with integer buffers only.
+    """
     import h5py
-    from mpi4py import MPI
 
     from hpcfed.psi.align import main, output_path
     from hpcfed.psi.config import load_align_config
+    from hpcfed.runtime.transport import Transport
 
-    comm = MPI.COMM_WORLD
-    comm.Barrier()
+    net = Transport()
+    net.barrier()
     start, cpu = time.perf_counter(), time.process_time()
-    main(config, [], comm)
-    seconds = comm.reduce(time.perf_counter() - start, op=MPI.MAX, root=0)
-    cpu_s = comm.reduce(time.process_time() - cpu, op=MPI.MAX, root=0)
-    peak_mb = comm.reduce(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, op=MPI.MAX, root=0)
-    if comm.Get_rank() == 0:
+    main(config, [], net)
+    mine = [round((time.perf_counter() - start) * 1e6), round((time.process_time() - cpu) * 1e6),
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]   # us, us, KiB
+    seconds_us, cpu_us, peak_kb = net.allgather_ints(mine).max(axis=0).tolist()
+    if net.rank == 0:
         with h5py.File(output_path(load_align_config(config), 0)) as f:
-            print(json.dumps({"seconds": seconds, "cpu_s": cpu_s, "n_intersection": int(f.attrs["n_intersection"]),
-                              "bytes_sent_party0": int(f.attrs["bytes_sent"]), "peak_rss_mb": peak_mb}), flush=True)
+            print(json.dumps({"seconds": seconds_us / 1e6, "cpu_s": cpu_us / 1e6,
+                              "n_intersection": int(f.attrs["n_intersection"]),
+                              "bytes_sent_party0": int(f.attrs["bytes_sent"]), "peak_rss_mb": peak_kb / 1024}),
+                  flush=True)
 
 
 def run_openmined(paths: list[Path]) -> dict:

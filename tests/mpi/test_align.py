@@ -126,25 +126,64 @@ def test_every_contributed_share_changes_the_order(tmp_path):
     assert sorted(orders[0]) == sorted(ids) and orders[0] != ids
 
 
-def test_no_plaintext_or_unblinded_hash_is_ever_sent(tmp_path):
-    rng = random.Random(7)
-    pool = [f"patient-{rng.getrandbits(64):016x}" for _ in range(120)]
-    sources = [pool[:80], pool[40:]]
-    cfg = write_config(tmp_path, [write_ids(tmp_path / f"p{k}.txt", s) for k, s in enumerate(sources)],
-                       "ranks_per_party: 2")
-    run = run_mpi(4, [str(RECORDER), str(cfg), "--set", f"parties.0.test_share='{SHARE[0]}'",
-                      "--record", str(tmp_path / "sent")], module=False, timeout=90)
-    assert run.returncode == 0, run.stderr
-    check_aligned(tmp_path, sources)
-    sent = [buf for rank in range(4) for buf in pickle.loads((tmp_path / "sent" / f"rank_{rank}.pkl").read_bytes())]
-    blob = b"\x00".join(sent)
-    assert len(blob) > 3 * len(pool) * ecdh.POINT_BYTES  # every set travelled (blinded) at least once
-    assert bytes.fromhex(SHARE[0]) in blob and ecdh.commitment(0, bytes.fromhex(SHARE[0])) in blob  # recorder works
+def recorded(folder: Path, ranks: int) -> list[bytes]:
+    """Every buffer the ranks sent, after checking that no rank made a pickle call.
+
+    The recorder refuses (raises, so the job cannot end with status 0 or 2) every pickle-based
+    method of the transport and of mpi4py's communicators; here each rank's record also shows
+    that every guarded name was probed and refused, and that the sends went through the
+    transport's integer and byte-buffer calls, which the recorder copies.
+    """
+    sent = []
+    for rank in range(ranks):
+        record = pickle.loads((folder / f"rank_{rank}.pkl").read_bytes())
+        assert record["refused"] == record["guarded"] and len(record["guarded"]) >= 20, record["refused"]
+        assert {"Transport.bcast", "Transport.allgather", "Transport.gather", "Transport.agree_everywhere",
+                "comm.bcast", "comm.allgather", "comm.send", "comm.sendrecv", "comm.gather"} <= set(record["guarded"])
+        assert record["calls"].get("allgather_ints", 0) >= 2 and record["calls"].get("split") == 2
+        sent += record["sent"]
+    return sent
+
+
+def assert_nothing_leaked(blob: bytes, pool: list[str]) -> None:
     for plain in pool:
         raw = plain.encode()
         point = ecdh.point_bytes(raw)
         for secret in (raw, plain.encode("utf-16-le"), point, point[::-1], ecdh.expand_message_xmd(raw)[:16]):
             assert secret not in blob, f"{plain!r} leaked"
+
+
+@pytest.mark.parametrize("mode", ["intersection", "cardinality"])
+def test_no_plaintext_unblinded_hash_or_pickle_is_ever_sent(tmp_path, mode):
+    rng = random.Random(7)
+    pool = [f"patient-{rng.getrandbits(64):016x}" for _ in range(120)]
+    sources = [pool[:80], pool[40:]]
+    cfg = write_config(tmp_path, [write_ids(tmp_path / f"p{k}.txt", s) for k, s in enumerate(sources)],
+                       f"ranks_per_party: 2\nmode: {mode}")
+    run = run_mpi(4, [str(RECORDER), str(cfg), "--set", f"parties.0.test_share='{SHARE[0]}'",
+                      "--record", str(tmp_path / "sent")], module=False, timeout=90)
+    assert run.returncode == 0, run.stderr
+    if mode == "intersection":
+        check_aligned(tmp_path, sources)
+    else:
+        assert [result(tmp_path, k)[2]["n_intersection"] for k in (0, 1)] == [40, 40]
+    blob = b"\x00".join(recorded(tmp_path / "sent", 4))
+    assert len(blob) > 3 * len(pool) * ecdh.POINT_BYTES  # every set travelled (blinded) at least once
+    if mode == "intersection":  # the recorder sees what crosses: party 0's share and its commitment
+        assert bytes.fromhex(SHARE[0]) in blob and ecdh.commitment(0, bytes.fromhex(SHARE[0])) in blob
+    assert_nothing_leaked(blob, pool)
+
+
+def test_bad_input_agreement_sends_no_pickle(tmp_path):
+    pool = [f"secret-{i:04d}" for i in range(30)]
+    (tmp_path / "b.csv").write_text("key\n" + "".join(f"{v}\n" for v in pool), encoding="utf-8")
+    cfg = write_config(tmp_path, [write_ids(tmp_path / "a.txt", pool), "{path: b.csv, column: id}"],
+                       "ranks_per_party: 2")
+    run = run_mpi(4, [str(RECORDER), str(cfg), "--record", str(tmp_path / "sent")], module=False, timeout=60)
+    _one_error_line(run, f"party 1: csv file '{tmp_path}/b.csv' has no column 'id' (columns: key)")
+    sent = recorded(tmp_path / "sent", 4)
+    assert any(b"has no column 'id'" in buf for buf in sent)  # the line crossed as a plain UTF-8 buffer
+    assert_nothing_leaked(b"\x00".join(sent), pool)
 
 
 def _one_error_line(run, expected: str) -> None:

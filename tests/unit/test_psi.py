@@ -1,5 +1,6 @@
-"""PSI without MPI: group math, set operations, shuffle, config and the id readers."""
+"""PSI without MPI: group math, set operations, shuffle, config, the id readers, no-pickle rules."""
 
+import ast
 from pathlib import Path
 
 import gmpy2
@@ -10,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpcfed.errors import HpcfedError
-from hpcfed.psi import ecdh
-from hpcfed.psi.align import read_ids
+from hpcfed.psi import align, ecdh
+from hpcfed.psi.align import PROBLEM_BYTES, _agree, _count, _line_buffer, _line_text, read_ids
 from hpcfed.psi.config import Normalize, load_align_config
 
 # RFC 9380 appendix J.7.2, curve25519_XMD:SHA-512_ELL2_NU_: message, u[0], Q.x (big-endian hex).
@@ -186,3 +187,73 @@ def test_reader_errors_are_one_line(tmp_path, files, party, expected):
     with pytest.raises(HpcfedError, match=expected) as info:
         read(tmp_path, party)
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------ what crosses ranks
+
+PICKLE_CALLS = {"send", "recv", "isend", "irecv", "sendrecv", "bcast", "gather", "allgather", "scatter", "reduce",
+                "allreduce", "alltoall", "scan", "exscan", "ssend", "bsend", "issend", "ibsend", "probe", "mprobe",
+                "agree", "agree_everywhere", "allreduce_max", "allreduce_min", "send_arrays", "recv_arrays"}
+
+
+def test_align_talks_only_through_transport_buffer_calls():
+    """No mpi4py or pickle import, no pickle-based call, no raw communicator use in align.py."""
+    tree = ast.parse(Path(align.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"mpi4py", "pickle", "dill", "cloudpickle", "marshal"}
+    called = {node.func.attr for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+    assert not called & PICKLE_CALLS, called & PICKLE_CALLS
+    assert not {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)} & {"comm", "COMM_WORLD"}
+
+
+class FakeNet:
+    """Rank ``rank`` of a job whose ranks have ``problems``; the two calls _agree makes, in memory."""
+
+    def __init__(self, problems: list[str | None], rank: int) -> None:
+        self.problems, self.rank, self.size = problems, rank, len(problems)
+        self.calls: list[str] = []
+
+    def allgather_ints(self, values):
+        self.calls.append("allgather_ints")
+        assert len(values) == 1
+        return np.array([[len(_line_buffer(p, PROBLEM_BYTES)) if p is not None else -1] for p in self.problems])
+
+    def bcast_bytes(self, data, root=0):
+        self.calls.append(f"bcast_bytes from {root}")
+        assert data.dtype == np.uint8 and len(data) <= PROBLEM_BYTES
+        if self.rank != root:
+            data[:] = _line_buffer(self.problems[root], PROBLEM_BYTES)
+
+
+def test_error_agreement_is_a_length_then_a_bounded_utf8_buffer():
+    net = FakeNet([None, None], 0)
+    _agree(net, None)
+    assert net.calls == ["allgather_ints"]
+    problems = [None, "party 1: csv file 'ü.csv' has no column 'id'", "party 2: later"]
+    for rank in range(3):
+        net = FakeNet(problems, rank)
+        with pytest.raises(HpcfedError) as info:
+            _agree(net, problems[rank])
+        assert str(info.value) == problems[1] and info.value.everywhere
+        assert net.calls == ["allgather_ints", "bcast_bytes from 1"]
+    long = ["é" * PROBLEM_BYTES, None]   # 2 bytes each: cut at a character boundary
+    with pytest.raises(HpcfedError) as info:
+        _agree(FakeNet(long, 1), None)
+    assert str(info.value) == "é" * (PROBLEM_BYTES // 2)
+
+
+def test_lines_from_other_ranks_are_bounded_and_stay_one_printable_line():
+    assert len(_line_buffer("x" * 10_000, 512)) == 512 and _line_buffer("", 512).dtype == np.uint8
+    assert len(_line_buffer("ab東", 4)) == 2   # never half a character
+    assert _line_text(np.frombuffer("a\nb\x1b[2Jc\xff".encode() + b"\xff", dtype=np.uint8)) == "a b [2Jc\xff\ufffd"
+
+
+def test_counts_from_other_ranks_are_checked_before_allocating():
+    assert _count(np.int64(0)) == 0 and _count(7) == 7
+    for bad in (-1, 1 << 41):
+        with pytest.raises(HpcfedError, match="impossible count") as info:
+            _count(bad)
+        assert not info.value.everywhere   # only this rank knows: the job aborts (status 2), no agreement
