@@ -11,8 +11,11 @@ One process per (n, W, path), so each peak RSS is that rank 0's alone:
   weighted sum of W dense vectors, a forward DCT of the aggregate (encode), decode of its own packet.
   Skipped where its W dense vectors would not fit this machine.
 
-The baseline is ONE worker's encode of the same gradient size, measured in the same run. Defaults:
+The baseline is ONE worker's encode of the same gradient size, measured in the same process right after
+rank 0's steps (so under the same load; after the peak RSS is read). Defaults:
 the ``compression`` defaults (block 8, keep 2%, 4 bits), SGD with momentum, uniform weights, one thread.
+The kernel stays at version 0 during the timed steps; rank 0's merge of W proposals, which happens once
+per refresh (every ``refresh_every`` steps), is timed on its own (last column).
 
     PYTHONPATH=. python benchmarks/server_scaling.py                     # W 4..256, n 151k..25M
     PYTHONPATH=. python benchmarks/server_scaling.py --sizes 151306 --workers 4 16
@@ -49,9 +52,13 @@ def gradients(n: int, count: int, seed: int = 0) -> list[np.ndarray]:
     return [(base + gen.standard_t(3, n).astype(np.float32) * np.float32(1e-3)) for _ in range(count)]
 
 
-def packets(n: int, steps: int) -> tuple[list[list[np.ndarray]], float]:
-    """Packets of ``ENCODERS`` real worker codecs for steps 1..steps, and one worker's median encode time."""
-    cfg = CompressionSettings()
+SETTINGS = CompressionSettings(refresh_every=10**9)   # the defaults; kernel merges are timed on their own
+
+
+def packets(n: int, steps: int) -> tuple[list[list[np.ndarray]], float, np.ndarray]:
+    """Packets of ``ENCODERS`` real worker codecs for steps 1..steps, one worker's median encode time,
+    and one local kernel proposal (for timing rank 0's merge)."""
+    cfg = SETTINGS
     codecs = [GradientCodec(n, cfg, np, rank=r + 1) for r in range(ENCODERS)]
     grads = gradients(n, ENCODERS)
     out, times = [], []
@@ -62,7 +69,7 @@ def packets(n: int, steps: int) -> tuple[list[list[np.ndarray]], float]:
             row.append(codec.encode(grad, step).copy())
             times.append(time.perf_counter() - clock)
         out.append(row)
-    return out, statistics.median(times)
+    return out, statistics.median(times), codecs[0].local_kernel()
 
 
 def flat_replica(n: int):
@@ -92,7 +99,7 @@ def serve_new(n: int, workers: int, steps: list[list[np.ndarray]]) -> dict:
     from hpcfed.runtime.loopback import LoopbackHub
 
     hub = LoopbackHub(workers + 1)
-    codec = GradientCodec(n, CompressionSettings(), np, rank=0)
+    codec = GradientCodec(n, SETTINGS, np, rank=0)
     core = ServerCore(hub.endpoints[0], codec, Combiner(AggregationConfig(weighting="uniform"), workers, 0),
                       flat_replica(n), make_assignment(workers, workers, "cyclic"), "wait-all", workers, 32,
                       Schedule(len(steps) + 1, 0), NoStop())
@@ -107,11 +114,19 @@ def serve_new(n: int, workers: int, steps: list[list[np.ndarray]]) -> dict:
     return {key: statistics.median(r[key] for r in rows[1:]) for key in keys}
 
 
+def merge_seconds(n: int, workers: int, local: np.ndarray) -> float:
+    """Rank 0's kernel merge of ``workers`` proposals (once per refresh)."""
+    codec = GradientCodec(n, SETTINGS, np, rank=0)
+    clock = time.perf_counter()
+    codec.merge_kernels([local] * workers)
+    return time.perf_counter() - clock
+
+
 def serve_old(n: int, workers: int, steps: list[list[np.ndarray]]) -> dict:
     """Rank 0 before: full decode of every packet, dense weighted sum, forward DCT of the aggregate."""
     from hpcfed.coding import combine_block_gradients
 
-    codec = GradientCodec(n, CompressionSettings(), np, rank=0)
+    codec = GradientCodec(n, SETTINGS, np, rank=0)
     replica = flat_replica(n)
     dense = [np.zeros(n, np.float32) for _ in range(workers)]
     timings: dict[str, list[float]] = {k: [] for k in ("t_decode", "t_aggregate", "t_encode", "t_apply")}
@@ -138,8 +153,10 @@ def child(args: argparse.Namespace) -> None:
     steps = [[data[f"s{s}_e{e}"] for e in range(ENCODERS)] for s in range(STEPS)]
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = (serve_new if args.path == "new" else serve_old)(args.n, args.w, steps)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # rank 0's alone
     result["start_rss_mb"] = base_rss / 1024
+    result["t_merge"] = merge_seconds(args.n, args.w, data["local"])
+    result["worker_encode"] = packets(args.n, STEPS)[1]   # the baseline, under the same load as rank 0's timing
     print(json.dumps(result))
 
 
@@ -164,11 +181,12 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print("| n | W | path | decode s | aggregate s | encode s | apply s | rank 0 total s | one worker's encode s "
-          "| ratio | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          "| ratio | peak RSS MB | kernel merge s (per refresh) |\n|---|---|---|---|---|---|---|---|---|---|---|---|",
+          flush=True)
     for n in args.sizes:
-        steps, encode_s = packets(n, STEPS)
+        steps, _, local = packets(n, STEPS)
         store = out.with_suffix(f".packets-{n}.npz")
-        np.savez(store, **{f"s{s}_e{e}": p for s, row in enumerate(steps) for e, p in enumerate(row)})
+        np.savez(store, local=local, **{f"s{s}_e{e}": p for s, row in enumerate(steps) for e, p in enumerate(row)})
         for w in args.workers:
             for path in ("old", "new"):
                 if path == "old" and 4.0 * n * w > OLD_LIMIT:
@@ -180,11 +198,12 @@ def main() -> None:
                     raise RuntimeError(proc.stderr[-3000:])
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 total = r["t_decode"] + r["t_aggregate"] + r["t_encode"] + r["t_apply"]
-                r.update(n=n, w=w, path=path, total=total, worker_encode=encode_s, ratio=total / encode_s)
+                encode_s = r["worker_encode"]
+                r.update(n=n, w=w, path=path, total=total, ratio=total / encode_s)
                 results.append(r)
                 print(f"| {n:,} | {w} | {path} | {r['t_decode']:.4f} | {r['t_aggregate']:.4f} | {r['t_encode']:.4f} "
                       f"| {r['t_apply']:.4f} | {total:.4f} | {encode_s:.4f} | {r['ratio']:.2f}x "
-                      f"| {r['peak_rss_mb']:.0f} |", flush=True)
+                      f"| {r['peak_rss_mb']:.0f} | {r['t_merge']:.3f} |", flush=True)
         store.unlink()
     for n in args.sizes:
         new = [r for r in results if r["n"] == n and r["path"] == "new"]
