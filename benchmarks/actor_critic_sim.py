@@ -1,175 +1,82 @@
-"""In-process simulation of parameter-server SGD with faulty workers, for tuning the actor-critic weighting.
+"""In-process runs of `sync` with faulty workers, comparing aggregation rules (for tuning the actor-critic).
 
-Digits (80/20 stratified split by seed); rank 0 holds 100 samples of the TRAINING split as its
-validation set for the reward (never the test set); the rest is dealt iid over 6 simulated
-workers. The digits CNN (151,306 parameters), SGD lr 0.05 momentum 0.9, batch 32 per worker.
-Each step every worker computes a gradient; the faulty ones (the last 1 or 2 workers) send
-  label: gradients on their partition with the labels randomly permuted,
-  scale: their gradient times -5,
-  noise: Gaussian noise with the norm of their gradient.
-Rank 0 combines them by the method (uniform mean, actor-critic weights, coordinate-wise
-median, trimmed mean dropping as many per side as there are faulty workers, at least 1),
-steps the optimizer, and for the actor-critic reports reward = val loss before - after.
-Reported: final test accuracy (360 samples; one sample = 0.28 points), the faulty workers'
-mean probability over the second half of training (1/6 = 0.167 is uniform), and accuracy
-differences against `uniform` from the same run.
+Each run is the product's own step (:mod:`hpcfed.algorithms.sync_loopback`: rank 0's and every
+worker's step core in one process over the loopback transport), with the product's fault injection:
+``label`` (permuted labels), ``scale`` (gradients x -5), ``noise`` (Gaussian noise of the same norm)
+on the last 1 or 2 of 6 workers. Reported per scenario and rule: test accuracy (mean ± std over seeds),
+the faulty workers' mean weight over the second half (uniform: 1/6), and rank 0's aggregation time
+per step (the trace's t_aggregate, which includes its validation gradient for fltrust/actor_critic).
 
-    PYTHONPATH=. python benchmarks/actor_critic_sim.py                     # full table
-    PYTHONPATH=. python benchmarks/actor_critic_sim.py --quick             # smoke run
-    PYTHONPATH=. python benchmarks/actor_critic_sim.py --methods actor_critic --scenarios scale:1 \\
-        --steps 150 --setting "lr=0.02,entropy=0"                          # tuning
+    PYTHONPATH=. python benchmarks/actor_critic_sim.py --data mnist1d --samples 20000 --steps 300
+    PYTHONPATH=. python benchmarks/actor_critic_sim.py --scenarios label:2 --methods actor_critic uniform --seeds 0
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from hpcfed.aggregation import (ActorCriticSettings, ActorCriticWeighter, aggregate, coordinate_median,
-                                trimmed_mean, uniform_weights)
-from hpcfed.data.partition import iid
+import argparse  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from hpcfed.algorithms import sync_loopback  # noqa: E402
+from hpcfed.config import load_config  # noqa: E402
+from hpcfed.data.datasets import load_dataset  # noqa: E402
 
 WORKERS = 6
-VAL_SAMPLES = 100
-METHODS = ["uniform", "actor_critic", "median", "trimmed_mean"]
-SCENARIOS = ["none:0", "label:1", "scale:1", "noise:1", "label:2", "scale:2", "noise:2"]
+FAULTS = {"label": "faults.label_noise.ranks", "scale": "faults.grad_scale.ranks", "noise": "faults.grad_noise.ranks"}
 
 
-def parse_setting(text: str) -> ActorCriticSettings:
-    """'key=value,...' over the defaults."""
-    types = {f.name: f.type for f in dataclasses.fields(ActorCriticSettings)}
-    values = {}
-    for item in filter(None, text.split(",")):
-        key, value = item.split("=")
-        values[key] = int(value) if "int" in str(types[key]) else float(value)
-    return ActorCriticSettings(**values)
-
-
-def cnn() -> nn.Module:
-    """The digits CNN for 1x8x8 images (151,306 parameters)."""
-    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1024, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
-def simulate(method: str, fault: str, n_faulty: int, seed: int, steps: int, settings: ActorCriticSettings,
-             batch: int = 32) -> dict:
-    """One training run; returns test accuracy, faulty workers' mean probability and timings."""
-    digits = load_digits()
-    x = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
-    y = torch.tensor(digits.target)
-    train, test = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=digits.target)
-    gen = np.random.default_rng([seed, 1])
-    train = gen.permutation(train)
-    val, train = np.sort(train[:VAL_SAMPLES]), np.sort(train[VAL_SAMPLES:])
-    shards = [train[part] for part in iid(len(train), WORKERS, seed)]
-    faulty = list(range(WORKERS - n_faulty, WORKERS))
-    labels = [y.clone() for _ in range(WORKERS)]
-    for w in faulty:
-        if fault == "label":
-            labels[w][shards[w]] = y[shards[w][gen.permutation(len(shards[w]))]]
-    torch.manual_seed(seed)
-    model = cnn()
-    params = list(model.parameters())
-    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    rngs = [np.random.default_rng([seed, 2, w]) for w in range(WORKERS)]
-    weighter = ActorCriticWeighter(WORKERS, settings, seed) if method == "actor_critic" else None
-    loss_fn = nn.functional.cross_entropy
-
-    def val_loss() -> float:
-        with torch.no_grad():
-            return float(loss_fn(model(x[val]), y[val]))
-
-    before = val_loss()
-    faulty_prob, t_weigh = [], 0.0
-    for step in range(steps):
-        grads = np.empty((WORKERS, sum(p.numel() for p in params)), dtype=np.float32)
-        for w in range(WORKERS):
-            idx = rngs[w].choice(shards[w], batch, replace=False)
-            model.zero_grad()
-            loss_fn(model(x[idx]), labels[w][idx]).backward()
-            grads[w] = torch.cat([p.grad.reshape(-1) for p in params]).numpy()
-            if w in faulty and fault == "scale":
-                grads[w] *= -5.0
-            elif w in faulty and fault == "noise":
-                noise = rngs[w].standard_normal(grads.shape[1]).astype(np.float32)
-                grads[w] = noise * (np.linalg.norm(grads[w]) / np.linalg.norm(noise))
-        start = time.perf_counter()
-        if method == "median":
-            update = coordinate_median(grads)
-        elif method == "trimmed_mean":
-            update = trimmed_mean(grads, max(1, n_faulty))
-        else:
-            probs = weighter.weights(range(WORKERS), grads) if weighter else uniform_weights(WORKERS)
-            update = aggregate(grads, probs)
-            if step >= steps // 2 and faulty:
-                faulty_prob.append(float(np.mean(probs[faulty])))
-        t_weigh += time.perf_counter() - start
-        offset = 0
-        for p in params:
-            p.grad = torch.from_numpy(update[offset:offset + p.numel()].copy()).view_as(p)
-            offset += p.numel()
-        opt.step()
-        if weighter:
-            after = val_loss()
-            start = time.perf_counter()
-            weighter.reward(before - after)
-            t_weigh += time.perf_counter() - start
-            before = after
-    with torch.no_grad():
-        acc = float((model(x[test]).argmax(1) == y[test]).float().mean())
-    return {"accuracy": 100 * acc, "faulty_prob": float(np.mean(faulty_prob)) if faulty_prob else None,
-            "weigh_ms_per_step": 1000 * t_weigh / steps,
-            "fallbacks": weighter.fallbacks if weighter else None, "sigma": weighter.sigma if weighter else None}
+def overrides(args: argparse.Namespace, scenario: str, method: str, seed: int) -> list[str]:
+    out = [f"seed={seed}", f"data.name={args.data}", f"train.steps={args.steps}", "checkpoint.every=0",
+           f"aggregation.weighting={method}", "aggregation.trim=2"]
+    if args.samples:
+        out.append(f"data.samples={args.samples}")
+    if scenario != "none":
+        kind, count = scenario.split(":")
+        out.append(f"{FAULTS[kind]}=[{','.join(str(WORKERS - i) for i in range(int(count)))}]")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--scenarios", nargs="+", default=SCENARIOS, help="fault:count, fault in none|label|scale|noise")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default="mnist1d")
+    parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--setting", default="", help="actor-critic settings 'key=value,...' over the defaults")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, two scenarios")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--scenarios", nargs="+", default=["none", "label:2", "scale:2", "noise:2"])
+    parser.add_argument("--methods", nargs="+", default=["uniform", "median", "trimmed_mean", "fltrust",
+                                                         "actor_critic"])
     parser.add_argument("--out", default="bench-out/actor_critic_sim.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.quick:
-        args.scenarios, args.steps = ["none:0", "scale:1"], 20
-    settings = parse_setting(args.setting)
-    print(f"steps {args.steps}, seed {args.seed}, {WORKERS} workers, actor-critic {dataclasses.asdict(settings)}")
-    print("| faults | method | test acc % | vs uniform (points) | faulty mean prob (2nd half) | x of 1/W "
-          "| weighting ms/step | fallbacks | final sigma | run s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
+    print("| scenario | rule | test acc % (mean ± std) | faulty weight (2nd half) | aggregate s/step |\n|---|---|---|---|---|")
     for scenario in args.scenarios:
-        fault, count = scenario.split(":")
-        base = None
+        faulty = [] if scenario == "none" else [WORKERS - 1 - i for i in range(int(scenario.split(":")[1]))]
         for method in args.methods:
-            start = time.perf_counter()
-            result = simulate(method, fault, int(count), args.seed, args.steps, settings)
-            result.update(scenario=scenario, method=method, seconds=time.perf_counter() - start)
-            rows.append(result)
-            base = result["accuracy"] if method == "uniform" else base
-            prob, fallbacks, sigma = result["faulty_prob"], result["fallbacks"], result["sigma"]
-            cells = [scenario, method, f"{result['accuracy']:.2f}",
-                     "" if base is None else f"{result['accuracy'] - base:+.2f}",
-                     "" if prob is None else f"{prob:.3f}", "" if prob is None else f"{prob * WORKERS:.2f}",
-                     f"{result['weigh_ms_per_step']:.1f}", "" if fallbacks is None else str(fallbacks),
-                     "" if sigma is None else f"{sigma:.2f}",
-                     f"{result['seconds']:.0f}"]
-            print("| " + " | ".join(cells) + " |", flush=True)
+            accs, weights, times = [], [], []
+            for seed in args.seeds:
+                cfg = load_config(None, overrides(args, scenario, method, seed))
+                data = load_dataset(cfg.data, seed)
+                run = sync_loopback.build(cfg, WORKERS, data).run()
+                accs.append(100 * sync_loopback.accuracy_of(run, cfg, data))
+                half = run.columns[len(run.columns) // 2:]
+                if faulty:
+                    weights.append(float(np.nanmean([c["weight"][faulty].mean() for c in half])))
+                times.append(float(np.mean([r["t_aggregate"] for r in run.rows])))
+            weight = f"{np.mean(weights):.3f}" if weights and np.isfinite(np.mean(weights)) else "-"
+            rows.append({"scenario": scenario, "method": method, "accuracy": accs, "faulty_weight": weights,
+                         "aggregate_s": times})
+            print(f"| {scenario} | {method} | {np.mean(accs):.2f} ± {np.std(accs):.2f} | {weight} "
+                  f"| {np.mean(times):.4f} |", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"steps": args.steps, "seed": args.seed, "workers": WORKERS,
-                                          "settings": dataclasses.asdict(settings), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ what is allowed. The schema defaults ARE the built-in quickstart
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, model_validator
@@ -19,29 +20,68 @@ from hpcfed.codec.codec import CompressionSettings
 from hpcfed.configfile import Section, apply_override, read_yaml, validate
 
 
+BUILTIN_DATA = ("digits", "mnist1d", "hdf5", "synthetic")
+BUILTIN_MODELS = ("mlp", "cnn", "resnet", "cnn1d_small")
+IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def _check_name(key: str, name: str, builtin: tuple[str, ...]) -> None:
+    """A built-in name or an import path ``package.module:function``, else one line listing both."""
+    if name in builtin or IMPORT_PATH.match(name):
+        return
+    choices = ", ".join(f"'{b}'" for b in builtin[:-1]) + f" or '{builtin[-1]}'"
+    raise ValueError(f"{key}: Input should be {choices}, or an import path 'package.module:function' (got '{name}')")
+
+
 class DataConfig(Section):
-    name: Literal["digits", "mnist1d", "hdf5", "synthetic"] = "digits"
+    name: str = Field("digits", description="digits | mnist1d | hdf5 | synthetic | package.module:function "
+                                            "(a factory returning (x, y) or a map-style torch Dataset)")
     path: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="import-path data.name: factory keyword arguments")
+    read: Literal["ship", "index"] = Field("ship", description="hdf5: ship = rank 0 reads and sends each worker its "
+                                                               "rows; index = every worker reads its own rows")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     partition: Literal["iid", "dirichlet", "shards", "quantity"] = "iid"
     alpha: float = Field(0.5, gt=0.0, description="dirichlet / quantity: concentration (smaller = more skewed)")
     classes_per_part: int = Field(2, ge=1, description="shards: classes per worker block")
-    samples: int = Field(2000, ge=10, description="synthetic: number of samples")
+    samples: int | None = Field(None, ge=10, description="synthetic (default 2000) and mnist1d (default 5000, "
+                                                         "rounded down to a multiple of 10): number of samples")
 
     @model_validator(mode="after")
     def _path_fits_name(self) -> "DataConfig":
+        _check_name("data.name", self.name, BUILTIN_DATA)
         if self.name == "hdf5" and not self.path:
             raise ValueError("data.path: required when data.name is 'hdf5' (an HDF5 file with datasets 'x' and 'y')")
         if self.path and self.name != "hdf5":
             raise ValueError(f"data.path: only used with data.name 'hdf5' (got data.name '{self.name}')")
         if self.path and not Path(self.path).is_file():
             raise ValueError(f"data.path: file '{self.path}' not found")
+        if self.kwargs and ":" not in self.name:
+            raise ValueError(f"data.kwargs: only used with an import-path data.name 'package.module:function' "
+                             f"(got data.name '{self.name}')")
+        if self.read == "index" and self.name != "hdf5":
+            raise ValueError(f"data.read: 'index' needs data.name 'hdf5' (got data.name '{self.name}')")
         return self
 
 
 class ModelConfig(Section):
-    name: Literal["mlp", "cnn"] = "cnn"
-    hidden: int = Field(128, ge=1)
+    name: str = Field("cnn", description="mlp | cnn | resnet | cnn1d_small | package.module:function "
+                                         "(a factory returning an nn.Module)")
+    hidden: int = Field(128, ge=1, description="mlp, cnn: hidden units; resnet: stage widths hidden/8, hidden/4, "
+                                               "hidden/2 (16/32/64 at 128)")
+    depth: int = Field(8, ge=8, description="resnet: layers, 6n+2 (8, 14, 20, 32, ...)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="import-path model.name: factory keyword "
+                                                                     "arguments")
+
+    @model_validator(mode="after")
+    def _name_fits(self) -> "ModelConfig":
+        _check_name("model.name", self.name, BUILTIN_MODELS)
+        if (self.depth - 2) % 6:
+            raise ValueError(f"model.depth: must be 6n+2 (8, 14, 20, 32, ...) (got {self.depth})")
+        if self.kwargs and ":" not in self.name:
+            raise ValueError(f"model.kwargs: only used with an import-path model.name 'package.module:function' "
+                             f"(got model.name '{self.name}')")
+        return self
 
 
 class TrainConfig(Section):
@@ -52,6 +92,7 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     eval_every: int = Field(25, ge=1)
+    eval_batch_size: int = Field(1024, ge=1, description="samples per forward pass when evaluating")
     threads: int = Field(1, ge=1, description="torch threads per rank")
 
 
@@ -108,6 +149,9 @@ class ServerAdjustConfig(Section):
     batch_size: int = Field(32, ge=1)
     prox: float = Field(0.0, ge=0.0, description="mu of (mu/2)||w - w_aggregate||^2")
     early_stop: bool = Field(False, description="keep the best of the steps on a held-out slice of the shared set")
+    accept: Literal["better", "always"] = Field(
+        "better", description="better: the adjusted model replaces the aggregate only when its loss on a held-out "
+                              "slice of the shared set is lower; always: keep it (the earlier behaviour)")
     holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
 
 
@@ -121,10 +165,11 @@ class FederatedConfig(Section):
 
 
 class AggregationConfig(Section):
-    weighting: Literal["samples", "uniform", "actor_critic", "median", "trimmed_mean"] = "samples"
+    weighting: Literal["samples", "uniform", "actor_critic", "median", "trimmed_mean", "fltrust"] = "samples"
     trim: int = Field(1, ge=0, description="trimmed_mean: updates dropped at each end, per coordinate")
-    validation_size: int = Field(100, ge=1, description="actor_critic: training samples held out at rank 0 "
-                                                        "for the reward (validation-loss improvement)")
+    validation_size: int = Field(100, ge=1, description="actor_critic, fltrust: training samples held out at rank 0 "
+                                                        "for its reference update and the actor-critic's reward "
+                                                        "(validation-loss improvement)")
     actor_critic: ActorCriticSettings = ActorCriticSettings()
 
 

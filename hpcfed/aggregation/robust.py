@@ -1,13 +1,23 @@
-"""Byzantine-robust reference rules: coordinate-wise median and trimmed mean.
+"""Byzantine-robust reference rules: coordinate-wise median, trimmed mean and FLTrust.
 
-They are what the actor-critic weighting is compared with, and the median is also
-the reference direction of its per-node features.
+They are what the actor-critic weighting is compared with. The median and the trimmed mean
+are coordinate-wise in whatever domain they are given: at compressed steps that is the codec's
+coefficient domain (kept DCT coefficients plus the raw tail), not the parameters, so their
+result is the median of coefficients, which decodes to something other than a coordinate-wise
+median of the gradients. FLTrust (Cao et al., NDSS 2021) needs only norms and cosines, which
+the orthonormal coefficient domain keeps, so it means the same in either domain. The median
+also stands in for the actor-critic's reference when none is given.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
+
+from hpcfed.aggregation.geometry import as_rows, cosines, inner_products
+from hpcfed.aggregation.weights import aggregate
 from hpcfed.errors import HpcfedError
 from hpcfed.xp import array_module
 
@@ -41,3 +51,21 @@ def trimmed_mean(updates: Any, trim: int) -> Any:
         raise HpcfedError(f"aggregation: trim={trim} for {n} updates; need 0 <= trim < n/2 (={n / 2:g})")
     xp = array_module(stacked)
     return xp.sort(stacked, axis=0)[trim:n - trim].mean(axis=0).astype(stacked.dtype)
+
+
+def fltrust(updates: Any, reference: Any) -> tuple[Any, np.ndarray]:
+    """FLTrust: (aggregate, normalised trust per update), with the server's own update as reference.
+
+    trust_i = ReLU(cos(u_i, r)); every u_i is rescaled to ||r||; the aggregate is
+    sum_i trust_i * u_i * ||r|| / ||u_i|| / sum_i trust_i. When no update has positive trust
+    (or r = 0) the aggregate is the reference itself (a copy; zero when r = 0) and every
+    reported weight is 0: the server falls back on its own gradient instead of stalling.
+    """
+    rows = as_rows(updates)
+    sq, dots, ref_sq = inner_products(rows, reference)
+    trust = np.maximum(cosines(sq, dots, ref_sq), 0.0)
+    total = float(trust.sum())
+    if not total > 0:
+        return array_module(reference).array(reference, copy=True), np.zeros(len(rows))
+    scale = np.divide(math.sqrt(ref_sq), np.sqrt(sq), out=np.zeros_like(sq), where=trust > 0)
+    return aggregate(rows, trust * scale / total), trust / total

@@ -1,12 +1,12 @@
-"""Aggregation: static weights, weighted sum, robust rules, actor-critic weighter (no MPI)."""
+"""Aggregation: static weights, weighted sum, robust rules, actor-critic weighter (no MPI, no torch)."""
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from hpcfed.aggregation import (ActorCriticSettings, ActorCriticWeighter, aggregate, coordinate_median,
-                                node_features, sample_weights, static_weights, trimmed_mean, uniform_weights)
+                                inner_products, node_features, sample_weights, static_weights, trimmed_mean,
+                                uniform_weights)
 from hpcfed.errors import HpcfedError
 
 FAST = ActorCriticSettings(warmup=2, patience=5, fallback_rounds=3)
@@ -17,14 +17,17 @@ def _updates(seed: int, n: int, size: int = 64, scale_exp: int = 0) -> np.ndarra
     return (rng.standard_normal((n, size)) * 10.0 ** scale_exp).astype(np.float32)
 
 
-def _drive(weighter: ActorCriticWeighter, rounds: int, seed: int, n: int = 5) -> list[np.ndarray]:
-    """Rounds of weights + a reward that punishes weight on node 0 (a sign-flipped node)."""
+def _drive(weighter: ActorCriticWeighter, rounds: int, seed: int, n: int = 5,
+           reference: bool = False) -> list[np.ndarray]:
+    """Rounds of weights + a reward that punishes weight on node 0 (a sign-flipped node); the
+    reference (when given) is the true direction plus noise, else the median stands in."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(rounds):
         updates = rng.standard_normal((n, 32)).astype(np.float32) + 1.0
         updates[0] *= -5
-        probs = weighter.weights(range(n), updates)
+        ref = (rng.standard_normal(32) + 1.0).astype(np.float32) if reference else None
+        probs = weighter.weights(range(n), updates, ref)
         weighter.reward(float(-probs[0] + 0.01 * rng.standard_normal()))
         out.append(probs)
     return out
@@ -97,11 +100,13 @@ def test_probabilities_sum_to_one_and_stay_finite(seed, n, scale_exp, zero_rows,
         if huge:
             updates[-1] = np.finfo(np.float32).max * rng.choice([-1, 1], size=40)
         nodes = rng.choice(8, size=n, replace=False)
-        probs = weighter.weights(nodes, updates, late=rng.random(n) < 0.3)
+        reference = None if round_ % 2 else _updates(seed + 99, 1, 40, scale_exp)[0]
+        probs = weighter.weights(nodes, updates, reference)
         assert probs.shape == (n,) and np.all(np.isfinite(probs)) and np.all(probs >= 0)
         assert abs(probs.sum() - 1) < 1e-12
-        feats = node_features(updates, np.ones(n), np.zeros(n, bool))
-        assert np.all(np.isfinite(feats))
+        sq, dots, ref_sq = inner_products(updates, updates[0] if reference is None else reference)
+        feats = node_features(sq, dots, ref_sq, rng.uniform(-1, 1, n), np.ones(n))
+        assert np.all(np.isfinite(feats)) and np.all(np.isfinite(sq)) and np.all(np.isfinite(dots))
         weighter.reward(float(rng.standard_normal() * 10.0 ** reward_exp))
 
 
@@ -115,27 +120,26 @@ def test_varying_number_of_nodes() -> None:
         weighter.reward(0.1)
 
 
-def test_same_seed_same_probabilities_other_seed_differs() -> None:
-    runs = [_drive(ActorCriticWeighter(5, FAST, seed), 15, 0) for seed in (7, 7, 8)]
+@pytest.mark.parametrize("reference", [False, True])
+def test_same_seed_same_probabilities_other_seed_differs(reference) -> None:
+    runs = [_drive(ActorCriticWeighter(5, FAST, seed), 15, 0, reference=reference) for seed in (7, 7, 8)]
     assert all(np.array_equal(a, b) for a, b in zip(runs[0], runs[1]))
     assert not np.array_equal(runs[0][-1], runs[2][-1])
 
 
 def test_no_global_rng_is_touched() -> None:
-    torch.manual_seed(0)
     np.random.seed(0)
-    expected = (torch.rand(3), np.random.rand(3))
-    torch.manual_seed(0)
+    expected = np.random.rand(3)
     np.random.seed(0)
-    _drive(ActorCriticWeighter(5, FAST, 1), 5, 0)
-    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    _drive(ActorCriticWeighter(5, FAST, 1), 5, 0, reference=True)
+    assert np.array_equal(np.random.rand(3), expected)
 
 
 @pytest.mark.parametrize("update_every", [1, 3])
 def test_state_dict_round_trip_continues_identically(update_every) -> None:
     s = ActorCriticSettings(warmup=2, update_every=update_every)
     original = ActorCriticWeighter(5, s, 11)
-    _drive(original, 7, 1)
+    _drive(original, 7, 1, reference=True)
     rng = np.random.default_rng(5)
     original.weights(range(5), rng.standard_normal((5, 32)).astype(np.float32))  # a round awaiting its reward
     state = original.state_dict()
@@ -144,22 +148,26 @@ def test_state_dict_round_trip_continues_identically(update_every) -> None:
     restored.load_state_dict({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in state.items()})
     for weighter in (original, restored):
         weighter.reward(0.5)
-    assert all(np.array_equal(a, b) for a, b in zip(_drive(original, 8, 2), _drive(restored, 8, 2)))
+    assert all(np.array_equal(a, b) for a, b in zip(_drive(original, 8, 2, reference=True),
+                                                    _drive(restored, 8, 2, reference=True)))
+    assert all(np.array_equal(original.state_dict()[k], restored.state_dict()[k]) for k in state)
     with pytest.raises(HpcfedError, match="checkpoint is for 5 nodes"):
         ActorCriticWeighter(4, s, 0).load_state_dict(state)
 
 
 def test_starts_uniform_without_prior_and_learns_from_the_reward() -> None:
-    weighter = ActorCriticWeighter(5, ActorCriticSettings(warmup=5, prior=0.0), 0)
+    weighter = ActorCriticWeighter(5, ActorCriticSettings(warmup=5, prior=0.0, lr=0.02, sigma=0.5, entropy=0.01), 0)
     probs = _drive(weighter, 200, 0)
     assert abs(np.mean([p[0] for p in probs[:5]]) - 0.2) < 0.1
     assert np.mean([p[0] for p in probs[-50:]]) < 0.5 / 5
 
 
-def test_prior_down_weights_a_node_that_disagrees_with_the_median_from_round_one() -> None:
+@pytest.mark.parametrize("reference", [False, True])
+def test_prior_down_weights_a_node_that_disagrees_from_round_one(reference) -> None:
     updates = np.tile(np.linspace(1, 2, 32, dtype=np.float32), (5, 1))
     updates[0] = -updates[0]
-    first = np.mean([ActorCriticWeighter(5, ActorCriticSettings(), seed).weights(range(5), updates)[0]
+    ref = np.ones(32, np.float32) if reference else None   # None: the median stands in
+    first = np.mean([ActorCriticWeighter(5, ActorCriticSettings(), seed).weights(range(5), updates, ref)[0]
                      for seed in range(20)])
     assert first < 0.5 / 5
 
@@ -167,10 +175,10 @@ def test_prior_down_weights_a_node_that_disagrees_with_the_median_from_round_one
 def test_guard_falls_back_on_a_collapsed_policy() -> None:
     s = ActorCriticSettings(collapse_threshold=0.6, patience=4, fallback_rounds=3, warmup=0)
     weighter = ActorCriticWeighter(3, s, 0)
-    with torch.no_grad():                              # a policy that puts nearly all weight on the largest node
-        weighter._nets.actor_w1.zero_()
-        weighter._nets.actor_w1[:, 2] = 1.0            # feature 2: log norm ratio
-        weighter._nets.actor_w2.fill_(10.0)
+    params = weighter._nets.views(weighter._params)   # a policy that puts nearly all weight on the largest node
+    params["actor_w1"][...] = 0.0
+    params["actor_w1"][:, 3] = 1.0                     # feature 3: log norm over the median norm
+    params["actor_w2"][...] = 10.0
     updates = np.array([[1.0, 0], [2.0, 0], [4.0, 0]], dtype=np.float32)
     for round_ in range(4):
         assert not weighter.in_fallback
@@ -202,8 +210,16 @@ def test_bad_inputs_name_the_problem() -> None:
         weighter.weights([0, 0], _updates(0, 2))
     with pytest.raises(HpcfedError, match="one row per node"):
         weighter.weights([0, 1], _updates(0, 3))
+    with pytest.raises(HpcfedError, match="reference of shape"):
+        weighter.weights([0, 1], _updates(0, 2), np.zeros(3, np.float32))
     with pytest.raises(HpcfedError, match="without a weights"):
         weighter.reward(1.0)
     with pytest.raises(HpcfedError, match="actor_critic.lr"):
         ActorCriticSettings(lr=0)
+    with pytest.raises(HpcfedError, match="actor_critic.trust_decay"):
+        ActorCriticSettings(trust_decay=1.0)
+    with pytest.raises(HpcfedError, match="networks of another shape"):
+        ActorCriticWeighter(4, ActorCriticSettings(hidden=8), 0).load_state_dict(weighter.state_dict())
+    with pytest.raises(HpcfedError, match="an older format"):
+        weighter.load_state_dict({"n_nodes": 4, "net.actor_w1": np.zeros((32, 8))})   # the torch-era layout
 
