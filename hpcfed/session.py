@@ -30,7 +30,7 @@ from hpcfed.models import FlatModel, build_model
 from hpcfed.optim import make_optimizer
 from hpcfed.io import write_atomically
 from hpcfed.runtime.comm import SERVER
-from hpcfed.runtime.device import (CudaAwareness, Placement, cuda_aware_decision, node_local_rank, select_device,
+from hpcfed.runtime.device import (CudaAwareness, Placement, cuda_aware_decision, select_device,
                                    visible_gpus)
 from hpcfed.runtime.memory import HOST, Memory, choose_transfer
 from hpcfed.runtime.transport import Transport
