@@ -142,3 +142,38 @@ def test_varint_matches_the_bytewise_definition(values: list[int], shift: int) -
             if not v:
                 break
     assert kern.varint_encode(np.array(values, dtype=np.uint64)).tolist() == expected
+
+
+@settings(max_examples=25, deadline=None)
+@given(workers=st.integers(0, 4), blocks=st.integers(2, 30), k_frac=st.floats(0.02, 0.4), m_frac=st.floats(0.01, 1.0),
+       seed=st.integers(0, 2**31), version=st.integers(1, 50))
+def test_merge_delta_swaps_weakest_for_best_voted(workers, blocks, k_frac, m_frac, seed, version) -> None:
+    n = 4
+    n_coef = blocks * n * n
+    k = max(1, round(k_frac * n_coef))
+    m = max(1, round(m_frac * k))
+    rng = np.random.default_rng(seed)
+    kernel = np.sort(rng.choice(n_coef, k, replace=False))
+    strength = rng.integers(0, 3, k).astype(np.float32)                 # ties included
+    local = [kern.local_kernel(rng.random(n_coef).astype(np.float32), m, 2, np) for _ in range(workers)]
+    results = {tuple(map(tuple, kern.merge_delta(list(p), kernel, strength, m, n_coef, version)))
+               for p in itertools.permutations(local)}
+    assert len(results) == 1
+    removed, added = (np.array(x, dtype=np.int64) for x in results.pop())
+    assert removed.size == added.size <= m and not np.isin(added, kernel).any()
+    if removed.size:
+        assert strength[removed].max() <= np.delete(strength, removed).min(initial=np.inf)
+    payload = kern.delta_payload(version, removed, added)
+    back_version, back = kern.read_global_payload(payload, n_coef, k, kernel)
+    assert back_version == version and back.size == k and np.all(np.diff(back) > 0)
+    assert set(back.tolist()) == (set(kernel.tolist()) - set(kernel[removed].tolist())) | set(added.tolist())
+
+
+def test_bad_deltas_are_one_line_errors() -> None:
+    kernel = np.array([1, 5, 9])
+    with pytest.raises(HpcfedError, match="already holds"):
+        kern.read_global_payload(kern.delta_payload(2, [0], [5]), 64, 3, kernel)
+    with pytest.raises(HpcfedError, match="removes 1 slots"):
+        kern.read_global_payload(kern.delta_payload(2, [0], []), 64, 3, kernel)
+    with pytest.raises(HpcfedError, match="unknown kind"):
+        kern.read_global_payload(kern.varint_encode(np.array([2, 7, 0])), 64, 3, kernel)

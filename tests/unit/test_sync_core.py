@@ -90,3 +90,12 @@ def test_every_weighting_runs_in_the_coefficient_domain(weighting):
     sim = run("compression.enabled=true", f"aggregation.weighting={weighting}", "aggregation.validation_size=40",
               "train.steps=6")
     assert sim.replicas_identical() and all(np.isfinite(row["loss"]) for row in sim.rows)
+
+
+def test_delta_kernel_refreshes_keep_replicas_identical_and_cost_fewer_bytes():
+    full = run("compression.enabled=true", "compression.refresh_every=2", "compression.keep=0.05")
+    delta = run("compression.enabled=true", "compression.refresh_every=2", "compression.keep=0.05",
+                "compression.swap=0.1")
+    assert delta.replicas_identical() and delta.rows[-1]["kernel_version"] == full.rows[-1]["kernel_version"]
+    assert {core.codec.version for core in delta.workers.values()} == {delta.server.codec.version}
+    assert delta.server.kernel_bytes < 0.5 * full.server.kernel_bytes
