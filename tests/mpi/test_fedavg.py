@@ -1,6 +1,7 @@
 """Federated rounds under mpiexec: 20 clients on 3 worker ranks, non-IID, with and without server adjustment."""
 
 import json
+import re
 import os
 import signal
 
@@ -22,6 +23,7 @@ def run(tmp_path, name, *extra):
     out = tmp_path / name
     result = run_mpi(4, ["run", *FED, *extra, "--set", f"output.dir={out}"], timeout=240)
     assert result.returncode == 0, result.stderr
+    assert re.search(r"done: \d+ rounds,", result.stderr), result.stderr   # the end line counts rounds, not steps
     return out, json.loads((out / "summary.json").read_text())
 
 
@@ -31,6 +33,10 @@ def test_fedavg_with_adjustment_is_reproducible_and_keeps_data_apart(tmp_path):
     assert first["param_hashes"] == again["param_hashes"] and first["per_round"] == again["per_round"]
     assert len(first["per_round"]) == 5 and all(len(r["clients"]) == 6 for r in first["per_round"])
     assert all(0 <= r["accuracy"] <= 1 and "adjust_loss" in r for r in first["per_round"])
+    assert first["replicas_identical"]                     # every rank ends with the same global model
+    for r in first["per_round"]:                           # accept: better never raises the held-out loss
+        assert r["adjust_accepted"] in (0, 1) and r["holdout_loss_after"] <= r["holdout_loss_before"]
+        assert r["adjust_accepted"] or r["accuracy"] == r["accuracy_before_adjust"]
     # the shared set (the only data server adjustment trains on) is disjoint from clients and test
     with h5py.File(out / "splits.h5", "r") as splits:
         shared = set(splits["shared"][:])
