@@ -7,6 +7,7 @@ sends (headers, packets, local kernels, buffers); downlink counts rank 0's frame
 
     PYTHONPATH=. python benchmarks/codec_sim.py --seeds 0 1 2                       # digits, the sweep
     PYTHONPATH=. python benchmarks/codec_sim.py --setting "keep=0.03,bits=4,block=16" --seeds 0
+    PYTHONPATH=. python benchmarks/codec_sim.py --setting "swap=0.05" --setting "enabled=false"   # delta kernels
     PYTHONPATH=. python benchmarks/codec_sim.py --data mnist1d --samples 20000 --model cnn1d_small \\
         --steps 3000 --setting "" --setting "enabled=false"
 """
@@ -34,6 +35,7 @@ SWEEP = [                      # over the compression defaults
     "",
     "bits=2",
     "keep=0.03,bits=8",
+    "swap=0.05",               # delta kernel refreshes: 5 % of k swapped per refresh
 ]
 
 

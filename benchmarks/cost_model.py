@@ -1,7 +1,7 @@
 """The cost model of one `sync` step: bytes per worker and at rank 0, and where a single server's link saturates.
 
 Sizes come from the product's own codec (payload_nbytes, a real local and global kernel of random
-gradients), not from a formula typed in, so the table follows the code. Per worker and step, with
+gradients at the second refresh, a delta with the default ``swap``), not from a formula typed in. Per worker and step, with
 b blocks per worker (1 without coding), n parameters, k = keep * n kept coefficients, tail t < block^2,
 g = ceil(k / group) quantization groups and B buffer floats:
 
@@ -33,7 +33,12 @@ def sizes(n: int) -> dict[str, float]:
     cfg = CompressionSettings()
     worker, server = GradientCodec(n, cfg, np, rank=1), GradientCodec(n, cfg, np, rank=0)
     grad = np.random.default_rng(0).standard_normal(n).astype(np.float32)
-    for step in range(cfg.refresh_every):
+    for step in range(cfg.refresh_every):    # the first refresh is a full exchange (off the version-0 kernel)
+        worker.encode(grad, step)
+    first = server.merge_kernels([worker.local_kernel()])
+    for codec in (worker, server):
+        codec.install_kernel(first)
+    for step in range(cfg.refresh_every, 2 * cfg.refresh_every):   # later ones are deltas when swap > 0
         worker.encode(grad, step)
     local = worker.local_kernel().size
     merged = server.merge_kernels([worker.local_kernel()]).size

@@ -71,7 +71,7 @@ class CompressionSettings:
     stochastic: bool = False       # stochastic (unbiased) rounding instead of nearest
     group: int = 256               # values per quantization scale; 0 = one scale per DCT block
     drift_threshold: float = 0.0   # refresh early when a worker's carried energy share falls below; 0 = off
-    swap: float = 0.0              # delta refreshes: fraction of k swapped per refresh (0 = full local kernels)
+    swap: float = 0.05             # delta refreshes: fraction of k swapped per refresh (0 = full local kernels)
 
     def __post_init__(self) -> None:
         checks = [

@@ -19,7 +19,8 @@ from hpcfed.runtime.loopback import LoopbackHub
 from hpcfed.codec.dct import inverse
 from hpcfed.errors import HpcfedError
 
-CFG = CompressionSettings(block=8, keep=0.05, bits=8, history=2, refresh_every=3, warmup_steps=0, group=64)
+CFG = CompressionSettings(block=8, keep=0.05, bits=8, history=2, refresh_every=3, warmup_steps=0, group=64,
+                          swap=0.0)   # full kernel exchanges; delta refreshes are tested on their own
 
 
 def _grads(n: int, steps: int, seed: int = 0) -> list[np.ndarray]:

@@ -93,7 +93,8 @@ def test_every_weighting_runs_in_the_coefficient_domain(weighting):
 
 
 def test_delta_kernel_refreshes_keep_replicas_identical_and_cost_fewer_bytes():
-    full = run("compression.enabled=true", "compression.refresh_every=2", "compression.keep=0.05")
+    full = run("compression.enabled=true", "compression.refresh_every=2", "compression.keep=0.05",
+               "compression.swap=0")
     delta = run("compression.enabled=true", "compression.refresh_every=2", "compression.keep=0.05",
                 "compression.swap=0.1")
     assert delta.replicas_identical() and delta.rows[-1]["kernel_version"] == full.rows[-1]["kernel_version"]
