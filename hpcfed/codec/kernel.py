@@ -178,20 +178,22 @@ def _best(candidates: np.ndarray, scores: np.ndarray, tiebreak: np.ndarray, k: i
     return np.concatenate([candidates[above], candidates[below], candidates[equal]])
 
 
-def merge(local_payloads: list[np.ndarray], n_blocks: int, n: int, k: int, version: int) -> np.ndarray:
-    """Global kernel (sorted indices, exactly k) from local kernel payloads by weighted votes.
-
-    Works on the W*k voted positions (one sort of position*span + vote keys), never on all n_coef.
-    """
-    n_coef = n_blocks * n * n
+def _votes(local_payloads: list[np.ndarray], n_coef: int) -> tuple[np.ndarray, np.ndarray]:
+    """(voted positions, ascending; their summed votes): tier t of T scores T - t. Works on the W*k voted
+    positions (one sort of position*span + vote keys), never on all n_coef."""
     tiers = [read_local_kernel(payload, n_coef) for payload in local_payloads]
     span = 1 + max((len(t) for t in tiers), default=0)                    # votes are 1 .. len(tiers)
     keys = np.sort(np.concatenate([np.zeros(0, dtype=np.int64)] + [
         idx * span + (len(lists) - t) for lists in tiers for t, idx in enumerate(lists)]))
     positions = keys // span
     first = np.flatnonzero(np.concatenate([[True], positions[1:] != positions[:-1]])) if keys.size else keys
-    candidates = positions[first]
-    scores = np.add.reduceat(keys % span, first) if keys.size else keys
+    return positions[first], (np.add.reduceat(keys % span, first) if keys.size else keys)
+
+
+def merge(local_payloads: list[np.ndarray], n_blocks: int, n: int, k: int, version: int) -> np.ndarray:
+    """Global kernel (sorted indices, exactly k) from local kernel payloads by weighted votes (:func:`_votes`)."""
+    n_coef = n_blocks * n * n
+    candidates, scores = _votes(local_payloads, n_coef)
     chosen = _best(candidates, scores, _tiebreak(candidates, version), k)
     if chosen.size < k:
         fill = lowfreq_order(n_blocks, n, k + chosen.size)
@@ -251,14 +253,7 @@ def merge_delta(local_payloads: list[np.ndarray], kernel: np.ndarray, strength: 
     the removed slots are those of least ``strength`` (ties by the position hash of ``version``).
     """
     kernel = np.asarray(kernel, dtype=np.int64)
-    tiers = [read_local_kernel(payload, n_coef) for payload in local_payloads]
-    span = 1 + max((len(t) for t in tiers), default=0)
-    keys = np.sort(np.concatenate([np.zeros(0, dtype=np.int64)] + [
-        idx * span + (len(lists) - t) for lists in tiers for t, idx in enumerate(lists)]))
-    positions = keys // span
-    first = np.flatnonzero(np.concatenate([[True], positions[1:] != positions[:-1]])) if keys.size else keys
-    candidates = positions[first]
-    scores = np.add.reduceat(keys % span, first) if keys.size else keys
+    candidates, scores = _votes(local_payloads, n_coef)
     outside = ~np.isin(candidates, kernel, assume_unique=True)
     candidates, scores = candidates[outside], scores[outside]
     added = _best(candidates, scores, _tiebreak(candidates, version), min(m, kernel.size))
