@@ -404,7 +404,6 @@ def test_decode_without_the_sparse_inverse(monkeypatch) -> None:
 
 def test_no_per_call_allocation_of_order_n() -> None:
     """After the first call, encode/decode/unpack/densify/encode_unpacked reuse their buffers."""
-    import tracemalloc
 
     n = 1 << 18
     cfg = dataclasses.replace(CFG, keep=0.02, bits=4, group=256, refresh_every=2)
@@ -423,20 +422,26 @@ def test_no_per_call_allocation_of_order_n() -> None:
     step_once()
     buffers = [id(x) for x in (worker.residual, worker.energy, server.residual, *worker._scratch.values(),
                                *server._scratch.values())]
-    tracemalloc.start()
-    try:
-        step_once()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = _peak_bytes(step_once)
     assert peak < n                           # bytes: under a quarter of one fp32 gradient (k = 0.02 n)
     assert buffers == [id(x) for x in (worker.residual, worker.energy, server.residual, *worker._scratch.values(),
                                        *server._scratch.values())]
 
 
+def _peak_bytes(call) -> int:
+    """Peak bytes Python allocates while ``call()`` runs (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_no_per_call_allocation_at_dense_steps() -> None:
     """Warm-up steps too: with a packet buffer, nothing of order n is allocated per call."""
-    import tracemalloc
 
     n = 1 << 16
     cfg = dataclasses.replace(CFG, warmup_steps=5, refresh_every=2)
@@ -452,12 +457,7 @@ def test_no_per_call_allocation_at_dense_steps() -> None:
         server.encode_unpacked(dst, 3, out=buffer)
 
     step_once()
-    tracemalloc.start()
-    try:
-        step_once()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = _peak_bytes(step_once)
     assert peak < n // 4
 
 
