@@ -15,7 +15,8 @@ The baseline is ONE worker's encode of the same gradient size, measured in the s
 rank 0's steps (so under the same load; after the peak RSS is read). Defaults:
 the ``compression`` defaults (block 8, keep 2%, 4 bits), SGD with momentum, uniform weights, one thread.
 The kernel stays at version 0 during the timed steps; rank 0's merge of W proposals, which happens once
-per refresh (every ``refresh_every`` steps), is timed on its own (last column).
+per refresh (every ``refresh_every`` steps), is timed on its own (last column): the first refresh (full
+local kernels of k positions) and a later delta refresh (proposals of ``swap`` * k positions).
 
     PYTHONPATH=. python benchmarks/server_scaling.py                     # W 4..256, n 151k..25M
     PYTHONPATH=. python benchmarks/server_scaling.py --sizes 151306 --workers 4 16
@@ -55,9 +56,10 @@ def gradients(n: int, count: int, seed: int = 0) -> list[np.ndarray]:
 SETTINGS = CompressionSettings(refresh_every=10**9)   # the defaults; kernel merges are timed on their own
 
 
-def packets(n: int, steps: int) -> tuple[list[list[np.ndarray]], float, np.ndarray]:
+def packets(n: int, steps: int) -> tuple[list[list[np.ndarray]], float, tuple[np.ndarray, np.ndarray]]:
     """Packets of ``ENCODERS`` real worker codecs for steps 1..steps, one worker's median encode time,
-    and one local kernel proposal (for timing rank 0's merge)."""
+    and one worker's local kernel proposals (full, then a delta against the kernel merged from it) for
+    timing rank 0's merges."""
     cfg = SETTINGS
     codecs = [GradientCodec(n, cfg, np, rank=r + 1) for r in range(ENCODERS)]
     grads = gradients(n, ENCODERS)
@@ -69,7 +71,9 @@ def packets(n: int, steps: int) -> tuple[list[list[np.ndarray]], float, np.ndarr
             row.append(codec.encode(grad, step).copy())
             times.append(time.perf_counter() - clock)
         out.append(row)
-    return out, statistics.median(times), codecs[0].local_kernel()
+    full = codecs[0].local_kernel()
+    codecs[0].install_kernel(GradientCodec(n, cfg, np, rank=0).merge_kernels([full]))
+    return out, statistics.median(times), (full, codecs[0].local_kernel())
 
 
 def flat_replica(n: int):
@@ -114,12 +118,17 @@ def serve_new(n: int, workers: int, steps: list[list[np.ndarray]]) -> dict:
     return {key: statistics.median(r[key] for r in rows[1:]) for key in keys}
 
 
-def merge_seconds(n: int, workers: int, local: np.ndarray) -> float:
-    """Rank 0's kernel merge of ``workers`` proposals (once per refresh)."""
+def merge_seconds(n: int, workers: int, full: np.ndarray, delta: np.ndarray) -> tuple[float, float]:
+    """Rank 0's kernel merges of ``workers`` proposals, once per refresh: (the first, full exchange; a later
+    delta refresh, ``compression.swap`` of the defaults)."""
     codec = GradientCodec(n, SETTINGS, np, rank=0)
     clock = time.perf_counter()
-    codec.merge_kernels([local] * workers)
-    return time.perf_counter() - clock
+    payload = codec.merge_kernels([full] * workers)
+    t_full = time.perf_counter() - clock
+    codec.install_kernel(payload)
+    clock = time.perf_counter()
+    codec.merge_kernels([delta] * workers)
+    return t_full, time.perf_counter() - clock
 
 
 def serve_old(n: int, workers: int, steps: list[list[np.ndarray]]) -> dict:
@@ -155,7 +164,7 @@ def child(args: argparse.Namespace) -> None:
     result = (serve_new if args.path == "new" else serve_old)(args.n, args.w, steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # rank 0's alone
     result["start_rss_mb"] = base_rss / 1024
-    result["t_merge"] = merge_seconds(args.n, args.w, data["local"])
+    result["t_merge"], result["t_merge_delta"] = merge_seconds(args.n, args.w, data["local"], data["delta"])
     result["worker_encode"] = packets(args.n, STEPS)[1]   # the baseline, under the same load as rank 0's timing
     print(json.dumps(result))
 
@@ -181,12 +190,13 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print("| n | W | path | decode s | aggregate s | encode s | apply s | rank 0 total s | one worker's encode s "
-          "| ratio | peak RSS MB | kernel merge s (per refresh) |\n|---|---|---|---|---|---|---|---|---|---|---|---|",
+          "| ratio | peak RSS MB | kernel merge s per refresh (full / delta) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|",
           flush=True)
     for n in args.sizes:
-        steps, _, local = packets(n, STEPS)
+        steps, _, (local, delta) = packets(n, STEPS)
         store = out.with_suffix(f".packets-{n}.npz")
-        np.savez(store, local=local, **{f"s{s}_e{e}": p for s, row in enumerate(steps) for e, p in enumerate(row)})
+        np.savez(store, local=local, delta=delta, **{f"s{s}_e{e}": p for s, row in enumerate(steps) for e, p in enumerate(row)})
         for w in args.workers:
             for path in ("old", "new"):
                 if path == "old" and 4.0 * n * w > OLD_LIMIT:
@@ -203,7 +213,7 @@ def main() -> None:
                 results.append(r)
                 print(f"| {n:,} | {w} | {path} | {r['t_decode']:.4f} | {r['t_aggregate']:.4f} | {r['t_encode']:.4f} "
                       f"| {r['t_apply']:.4f} | {total:.4f} | {encode_s:.4f} | {r['ratio']:.2f}x "
-                      f"| {r['peak_rss_mb']:.0f} | {r['t_merge']:.3f} |", flush=True)
+                      f"| {r['peak_rss_mb']:.0f} | {r['t_merge']:.3f} / {r['t_merge_delta']:.3f} |", flush=True)
         store.unlink()
     for n in args.sizes:
         new = [r for r in results if r["n"] == n and r["path"] == "new"]

@@ -20,9 +20,10 @@ Packets then carry only the values at those indices, in kernel order, with no in
   (:func:`merge_delta`). The kernel size stays k; the update travels as
   (version, DELTA, removed kernel-order slots gap-coded, added indices gap-coded).
 
-Coding runs on the host (numpy): kernels are small and exchanged rarely. Nothing here
-is O(n_coef) except a worker's top-k selection (:func:`top_k`, one compare pass over its
-scores): the merge works on the W*k voted positions, the varint coders on the bytes.
+Coding runs on the host (numpy): kernels are small and exchanged rarely. A worker's top-k
+selection (:func:`top_k`) is one compare pass over its scores; rank 0's merge is one weighted
+``bincount`` of the W*k voted positions into an n_coef score vector; the varint coders work on
+the values, one pass per byte position.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def varint_encode(values: np.ndarray) -> np.ndarray:
 
 
 def varint_decode(data: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`varint_encode`."""
+    """Inverse of :func:`varint_encode`: the first byte of every value in one pass, then byte j only for
+    the values longer than j (like the encoder; no per-byte shifts)."""
     d = np.asarray(data, dtype=np.uint8).reshape(-1)
     if d.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -75,9 +77,12 @@ def varint_decode(data: np.ndarray) -> np.ndarray:
         return d.astype(np.int64)
     ends = np.flatnonzero(last)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    place = np.arange(d.size) - np.repeat(starts, ends - starts + 1)      # byte index within its varint
-    digits = (d & 127).astype(np.uint64) << (np.uint64(7) * place.astype(np.uint64))
-    return np.add.reduceat(digits, starts).astype(np.int64)               # disjoint bits: sum == or
+    length = ends - starts + 1
+    out = (d[starts] & 127).astype(np.int64)
+    for j in range(1, int(length.max())):
+        which = np.flatnonzero(length > j)
+        out[which] |= (d[starts[which] + j] & 127).astype(np.int64) << (7 * j)
+    return out
 
 
 def _gap_fields(sorted_idx: np.ndarray) -> np.ndarray:
@@ -179,15 +184,17 @@ def _best(candidates: np.ndarray, scores: np.ndarray, tiebreak: np.ndarray, k: i
 
 
 def _votes(local_payloads: list[np.ndarray], n_coef: int) -> tuple[np.ndarray, np.ndarray]:
-    """(voted positions, ascending; their summed votes): tier t of T scores T - t. Works on the W*k voted
-    positions (one sort of position*span + vote keys), never on all n_coef."""
-    tiers = [read_local_kernel(payload, n_coef) for payload in local_payloads]
-    span = 1 + max((len(t) for t in tiers), default=0)                    # votes are 1 .. len(tiers)
-    keys = np.sort(np.concatenate([np.zeros(0, dtype=np.int64)] + [
-        idx * span + (len(lists) - t) for lists in tiers for t, idx in enumerate(lists)]))
-    positions = keys // span
-    first = np.flatnonzero(np.concatenate([[True], positions[1:] != positions[:-1]])) if keys.size else keys
-    return positions[first], (np.add.reduceat(keys % span, first) if keys.size else keys)
+    """(voted positions, ascending; their summed votes): tier t of T scores T - t. One weighted
+    ``bincount`` over the W*k voted positions into an n_coef score vector (faster than sorting the
+    W*k positions once W*k is a sizeable part of n_coef, as at W >= 16)."""
+    lists = [(len(tiers) - t, idx) for tiers in (read_local_kernel(p, n_coef) for p in local_payloads)
+             for t, idx in enumerate(tiers)]
+    if not lists:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    votes = np.repeat(np.array([v for v, _ in lists], dtype=np.float64), [idx.size for _, idx in lists])
+    score = np.bincount(np.concatenate([idx for _, idx in lists]), weights=votes, minlength=n_coef)
+    positions = np.flatnonzero(score)
+    return positions, score[positions].astype(np.int64)
 
 
 def merge(local_payloads: list[np.ndarray], n_blocks: int, n: int, k: int, version: int) -> np.ndarray:
