@@ -77,7 +77,7 @@ def main() -> None:
     settings = args.setting or SWEEP
     if args.quick:
         settings, args.seeds, args.steps = settings[:2], args.seeds[:1], 30
-    rows = []
+    rows, datasets = [], {}
     print(f"{args.data}, model {args.model}, {args.workers} workers, {args.steps} steps, lr {args.lr}")
     print("| setting | seeds | accuracy % (each) | mean ± std % | up B/worker/step | ratio vs dense "
           "| down B/worker/step |")
@@ -86,9 +86,11 @@ def main() -> None:
         start = time.perf_counter()
         runs = []
         for seed in args.seeds:
-            cfg = load_config(None, [f"seed={seed}", f"data.name={args.data}"]
-                              + ([f"data.samples={args.samples}"] if args.samples else []))
-            runs.append(simulate(args, text, seed, load_dataset(cfg.data, seed)))
+            if seed not in datasets:     # generated once per seed (MNIST-1D: about a minute for 20,000)
+                cfg = load_config(None, [f"seed={seed}", f"data.name={args.data}"]
+                                  + ([f"data.samples={args.samples}"] if args.samples else []))
+                datasets[seed] = load_dataset(cfg.data, seed)
+            runs.append(simulate(args, text, seed, datasets[seed]))
         accs = [r["accuracy"] for r in runs]
         up, down, dense = (float(np.mean([r[k] for r in runs])) for k in ("up", "down", "dense_up"))
         rows.append({"setting": text or "defaults", "seeds": args.seeds, "accuracy": accs, "up_bytes": up,

@@ -18,17 +18,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hpcfed.config import load_config
 from hpcfed.coding import block_batch
-from hpcfed.data.datasets import load_dataset, train_test_split
+from hpcfed.data.datasets import Dataset, load_dataset, train_test_split
 from hpcfed.models import build_model
 from hpcfed.session import cut_blocks
 
 
-def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -> None:
+def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue, data: Dataset) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = load_config(args.config, args.set)
-    train, test = train_test_split(load_dataset(cfg.data, cfg.seed), cfg.data.test_fraction, cfg.seed)
+    train, test = train_test_split(data, cfg.data.test_fraction, cfg.seed)
     part = train.subset(cut_blocks(cfg, train, world)[rank])   # the block hpcfed gives worker rank + 1
     model = DistributedDataParallel(build_model(cfg.model, train.sample_shape, train.num_classes, cfg.seed))
     if args.powersgd:
@@ -59,12 +59,18 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue) -
     dist.destroy_process_group()
 
 
-def run_ddp(workers: int, config: str | None, overrides: list[str], powersgd: int = 0, port: int = 29533) -> dict:
-    """Train with DDP on ``workers`` processes; returns time per step and final accuracy."""
+def run_ddp(workers: int, config: str | None, overrides: list[str], powersgd: int = 0, port: int = 29533,
+            data: Dataset | None = None) -> dict:
+    """Train with DDP on ``workers`` processes; returns time per step and final accuracy. ``data``: the
+    data set the config names, if already loaded (generated once here, not once per process)."""
     args = argparse.Namespace(config=config, set=overrides, powersgd=powersgd)
+    if data is None:
+        cfg = load_config(config, overrides)
+        data = load_dataset(cfg.data, cfg.seed)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_worker, args=(workers, args, port, queue), nprocs=workers, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(workers, args, port, queue, data), nprocs=workers, join=True,
+                       start_method="spawn")
     return queue.get()
 
 

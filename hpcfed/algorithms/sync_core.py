@@ -153,10 +153,12 @@ class ServerCore:
         self.step_bytes[:] = 0
         held: dict[int, int] = {}
         arrival = np.full(self.n_workers, np.nan)
+        reference = self._validate(step)    # needs only the model of step - 1: runs while the workers compute
+        t_validate = time.monotonic() - start
         while not self.complete():
             for index in self.inbox.wait():   # a batch of arrivals; the rest of it is taken too
                 self._take(index, step, start, held, arrival)
-        t_wait = time.monotonic() - start
+        t_wait = time.monotonic() - start - t_validate
         for index in self.inbox.ready():   # whatever else has already arrived
             self._take(index, step, start, held, arrival)
         codec, size, buffers = self.codec, self.codec.payload_nbytes(step), 4 * self.replica.buffer_size
@@ -168,13 +170,12 @@ class ServerCore:
         mean_buffers = self._mean_buffers([frame.data()[size:size + buffers] for frame in frames])
         loss = float(np.mean([frame.field("metric") for frame in frames]))
         t_decode, clock = time.monotonic() - clock, time.monotonic()
-        reference = self._validate(step)
         holders = [self.tracker.chosen()[b] for b in order]
         aggregate, weights = self.combiner.combine(holders, vectors, [self.block_batch_size] * len(order),
                                                    reference=reference)
         for index in held.values():
             self.inbox.repost(index)
-        t_aggregate, clock = time.monotonic() - clock, time.monotonic()
+        t_aggregate, clock = time.monotonic() - clock + t_validate, time.monotonic()
         packet = codec.encode_unpacked(aggregate, step)
         kernel = packet[:0]
         if codec.kernel_due(step + 1):
