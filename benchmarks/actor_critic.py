@@ -83,7 +83,7 @@ def run(base: list[str], scenario: str, method: str) -> dict | None:
     bad = faulty_ranks(scenario)
     faults = [f"{FAULTS[scenario.split(':')[0]]}=[{','.join(map(str, bad))}]"] if bad else []
     try:
-        return run_hpcfed(WORKERS + 1, [*base, *faults, f"aggregation.weighting={method}", "aggregation.trim=2"])
+        return run_hpcfed(WORKERS + 1, [*base, *faults, f"aggregation.weighting={method}"])
     except RuntimeError as error:
         if "non-finite" not in str(error):
             raise
