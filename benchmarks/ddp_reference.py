@@ -50,10 +50,10 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, queue, d
         optimizer.step()
     dist.barrier()
     elapsed = time.monotonic() - start
-    if rank == 0:
-        model.eval()
+    if rank == 0:   # the bare module: DDP's forward would broadcast buffers (BatchNorm) to ranks that are done
+        net = model.module.eval()
         with torch.no_grad():
-            accuracy = float((model(torch.from_numpy(test.x)).argmax(1) == torch.from_numpy(test.y)).float().mean())
+            accuracy = float((net(torch.from_numpy(test.x)).argmax(1) == torch.from_numpy(test.y)).float().mean())
         queue.put({"time_per_step_s": elapsed / cfg.train.steps, "final_accuracy": accuracy,
                    "n_params": sum(p.numel() for p in model.parameters())})
     dist.destroy_process_group()
