@@ -86,12 +86,13 @@ def test_one_rank_is_told_how_to_launch():
 
 
 def test_worker_failure_ends_the_job_promptly(tmp_path):
+    # the no-hang bound is run_mpi's timeout (it fails the test if the job outlives it, start-up included);
+    # what happened is asserted below, not how long it took
     script = str(Path(__file__).with_name("crash_worker.py"))
     result = run_mpi(4, [script, "run", "--set", "train.steps=1000", "--set", f"output.dir={tmp_path}"],
                      timeout=60, module=False, env={"PYTHONPATH": str(REPO)})
     assert result.returncode != 0
     assert "injected failure at step 5" in result.stderr
-    assert result.seconds < 30
     assert not (tmp_path / "summary.json").exists()
 
 
