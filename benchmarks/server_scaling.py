@@ -87,7 +87,7 @@ def flat_replica(n: int):
 
     module = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(n))])
     model = FlatModel(module)
-    return Replica(model, make_optimizer(TrainConfig(), model), np)
+    return Replica(model, make_optimizer(TrainConfig(), model), np, compress_buffers=True)
 
 
 def serve_new(n: int, workers: int, steps: list[list[np.ndarray]]) -> dict:

@@ -17,7 +17,9 @@ values + raw tail (:meth:`GradientCodec.unpack`), combines those, adds its resid
 to apply the update. Buffers (BatchNorm statistics): before each block's forward a worker loads
 the buffers of the last update, so each block reports "synced state + that block's batch"; rank 0
 averages the reported buffers of the blocks it used, in block order, and sends the average with
-the update; every rank loads it. Coded copies therefore agree, and so do the replicas.
+the update; every rank loads it. Coded copies therefore agree, and so do the replicas. Buffers
+travel through :class:`~hpcfed.codec.buffers.BufferCoding`: fp32, or fp16 changes against the
+synced buffers when the gradient is compressed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from hpcfed.aggregation.combiner import Combiner
+from hpcfed.codec.buffers import BufferCoding
 from hpcfed.codec.codec import GradientCodec
 from hpcfed.coding import Assignment, CompletionTracker, block_batch
 from hpcfed.errors import HpcfedError
@@ -44,12 +47,15 @@ from hpcfed.xp import to_numpy
 
 
 class Replica:
-    """One rank's model and optimizer as flat arrays of the rank's array module."""
+    """One rank's model and optimizer as flat arrays of the rank's array module; its buffers travel
+    as fp16 changes when ``compress_buffers`` (as the gradient does with compression on), else as fp32."""
 
-    def __init__(self, model: FlatModel, optimizer: torch.optim.Optimizer, xp: ModuleType) -> None:
+    def __init__(self, model: FlatModel, optimizer: torch.optim.Optimizer, xp: ModuleType, *,
+                 compress_buffers: bool) -> None:
         self.model, self.optimizer, self.xp = model, optimizer, xp
         self.grads = as_array(model.grads, xp)
         self.buffer_size = model.buffer_size
+        self.buffer_coding = BufferCoding(model.buffer_size, compress_buffers, xp)
         self.state_size = model.size + sum(t.numel() for t in state_tensors(optimizer)) + self.buffer_size
 
     def apply(self) -> None:
@@ -110,8 +116,8 @@ class ServerCore:
         self.validation = validation   # step -> (validation loss, rank 0's gradient there, unpacked); or None
         self.n_workers = assignment.n_workers
         self.tracker = CompletionTracker(assignment)
-        xp, buffers = replica.xp, 4 * replica.buffer_size
-        capacity = codec.max_payload_nbytes() + buffers + codec.max_kernel_nbytes()
+        xp = replica.xp
+        capacity = codec.max_payload_nbytes() + replica.buffer_coding.nbytes + codec.max_kernel_nbytes()
         per_worker = max(len(b) for b in assignment.blocks)
         self.inbox = Inbox(transport, range(1, self.n_workers + 1), per_worker, capacity, Tag.UPLINK, memory)
         width = max(codec.unpacked_size(0), codec.unpacked_size(codec.cfg.warmup_steps))
@@ -161,13 +167,14 @@ class ServerCore:
         t_wait = time.monotonic() - start - t_validate
         for index in self.inbox.ready():   # whatever else has already arrived
             self._take(index, step, start, held, arrival)
-        codec, size, buffers = self.codec, self.codec.payload_nbytes(step), 4 * self.replica.buffer_size
+        codec, size, buffers = self.codec, self.codec.payload_nbytes(step), self.replica.buffer_coding.nbytes
         clock = time.monotonic()
         order = sorted(held)   # block order: the sum is the same bytes whatever arrived first
         frames = [self.inbox.frames[held[b]] for b in order]
         vectors = [codec.unpack(frame.data()[:size], step, out=self.block_vectors[b][:codec.unpacked_size(step)])
                    for b, frame in zip(order, frames)]
-        mean_buffers = self._mean_buffers([frame.data()[size:size + buffers] for frame in frames])
+        synced = self.replica.buffers()   # the last update's (the validation pass puts them back)
+        mean_buffers = self.replica.buffer_coding.mean([frame.data()[size:size + buffers] for frame in frames], synced)
         loss = float(np.mean([frame.field("metric") for frame in frames]))
         t_decode, clock = time.monotonic() - clock, time.monotonic()
         holders = [self.tracker.chosen()[b] for b in order]
@@ -192,7 +199,7 @@ class ServerCore:
         self.kernel_bytes += kernel.size * len(arrived)
         self.answered[arrived] = step
         self.synced_to[arrived] = step
-        apply_update(self.replica, codec, step, packet, mean_buffers, kernel)   # the bytes just sent
+        apply_update(self.replica, codec, step, packet, mean_buffers, kernel, synced)   # the bytes just sent
         self.completed = step
         used_blocks, weight = np.zeros(self.n_workers), np.zeros(self.n_workers)
         for holder, share in zip(holders, weights):
@@ -207,16 +214,6 @@ class ServerCore:
         workers = {"bytes": self.step_bytes.copy(), "arrival_s": arrival, "used": (used_blocks > 0).astype(np.int8),
                    "weight": weight}
         return row, workers
-
-    def _mean_buffers(self, reported: list) -> Any:
-        """The mean of the blocks' reported buffers, summed in block order (empty without buffers)."""
-        xp = self.replica.xp
-        if not self.replica.buffer_size:
-            return xp.zeros(0, xp.float32)
-        total = xp.zeros(self.replica.buffer_size, xp.float32)
-        for raw in reported:
-            total += raw.view(xp.float32)
-        return total / xp.float32(len(reported))
 
     def _validate(self, step: int) -> Any:
         """Learning and reference rules: feed back the last update's validation-loss improvement, and
@@ -252,7 +249,7 @@ class ServerCore:
                                    f"{frame.field('version')}; rank 0 has {self.codec.version}")
             if np.isnan(arrival[sender - 1]):
                 arrival[sender - 1] = time.monotonic() - start
-            fixed = self.codec.payload_nbytes(step) + 4 * self.replica.buffer_size
+            fixed = self.codec.payload_nbytes(step) + self.replica.buffer_coding.nbytes
             if frame.field("length") > fixed:   # a local kernel rides along (once per worker and refresh)
                 self.local_kernels[sender] = to_numpy(frame.data()[fixed:]).copy()
                 self.kernel_bytes += frame.field("length") - fixed
@@ -291,12 +288,14 @@ class ServerCore:
         self.inbox.close()
 
 
-def apply_update(replica: Replica, codec: GradientCodec, step: int, packet: Any, buffers: Any, kernel: Any) -> None:
+def apply_update(replica: Replica, codec: GradientCodec, step: int, packet: Any, buffers: Any, kernel: Any,
+                 synced: Any) -> None:
     """Every rank: decode the aggregate's packet into the gradient, step the optimizer, load the step's
-    buffers, and install the next kernel if the update carries one (after decoding: the packet used the old one)."""
+    buffers (coded against the ``synced`` ones), and install the next kernel if the update carries one
+    (after decoding: the packet used the old one)."""
     codec.decode(packet, step, out=replica.grads)
     replica.apply()
-    replica.load_buffers(buffers)
+    replica.load_buffers(replica.buffer_coding.decode(buffers, synced))
     if kernel.size:
         codec.install_kernel(kernel)
 
@@ -309,7 +308,7 @@ class WorkerCore:
         self.transport, self.codec, self.replica = transport, codec, replica
         self.blocks, self.batch, self.seed, self.faults = blocks, batch, seed, faults
         self.rank = transport.rank
-        capacity = codec.max_payload_nbytes() + 4 * replica.buffer_size + codec.max_kernel_nbytes()
+        capacity = codec.max_payload_nbytes() + replica.buffer_coding.nbytes + codec.max_kernel_nbytes()
         self.outbox = Frame(capacity, memory, receives=False)
         self.inbox = Frame(max(capacity, 4 * replica.state_size + codec.max_kernel_nbytes()), memory)
         self.synced_buffers = replica.buffers()   # the buffers of the last update (each block starts from them)
@@ -327,7 +326,8 @@ class WorkerCore:
             self.faults.update(replica.grads)
             packet = codec.encode(replica.grads, step)
             kernel = codec.local_kernel() if position == 0 and codec.kernel_due(step + 1) else packet[:0]
-            nbytes = self.outbox.write([packet, replica.buffers(), kernel], step=step, kind=Kind.GRADIENT,
+            buffers = replica.buffer_coding.encode(replica.buffers(), self.synced_buffers)
+            nbytes = self.outbox.write([packet, buffers, kernel], step=step, kind=Kind.GRADIENT,
                                        sender=self.rank, block=block, version=codec.version, metric=loss,
                                        flags=Flag.STOP if stop_requested else 0)
             self.transport.send(self.outbox, nbytes, SERVER)
@@ -341,9 +341,9 @@ class WorkerCore:
         frame, codec, replica = self.inbox, self.codec, self.replica
         payload, step = frame.data(), int(frame.field("step"))
         if frame.field("kind") == Kind.UPDATE:
-            size, buffers = codec.payload_nbytes(step), 4 * replica.buffer_size
-            mean_buffers = payload[size:size + buffers].view(replica.xp.float32)
-            apply_update(replica, codec, step, payload[:size], mean_buffers, payload[size + buffers:])
+            size, buffers = codec.payload_nbytes(step), replica.buffer_coding.nbytes
+            apply_update(replica, codec, step, payload[:size], payload[size:size + buffers], payload[size + buffers:],
+                         self.synced_buffers)
         else:   # RESYNC: this step closed without us; take rank 0's state and kernel, and rejoin
             state = 4 * replica.state_size
             replica.load_snapshot(payload[:state].view(replica.xp.float32))

@@ -137,7 +137,7 @@ def build(cfg: Config, n_workers: int, data: Dataset | None = None) -> LoopbackS
 
     def replica(rank: int) -> tuple[Replica, GradientCodec]:
         model = FlatModel(build_model(cfg.model, full.sample_shape, full.num_classes, cfg.seed))
-        return (Replica(model, make_optimizer(cfg.train, model), np),
+        return (Replica(model, make_optimizer(cfg.train, model), np, compress_buffers=cfg.compression.enabled),
                 GradientCodec(model.size, cfg.compression, np, seed=cfg.seed, rank=rank))
 
     server_replica, server_codec = replica(SERVER)

@@ -102,7 +102,8 @@ def server_core(session: Session, codec: GradientCodec, stop: StopRequest) -> Se
     cfg, workers = session.cfg, session.n_workers
     mode = cfg.coding.mode if cfg.coding.enabled else "wait-all"
     wait_for = cfg.coding.target if cfg.coding.target is not None else max(1, workers - 1)
-    replica = Replica(session.model, session.optimizer, session.placement.xp)
+    replica = Replica(session.model, session.optimizer, session.placement.xp,
+                      compress_buffers=cfg.compression.enabled)
     combiner = Combiner(cfg.aggregation, workers, cfg.seed)
     validation = None
     if session.validation is not None:
@@ -195,8 +196,10 @@ def worker(session: Session) -> int | None:
     open_trace(session, STEP_COLUMNS, WORKER_COLUMNS, None)
     stop = StopRequest()
     blocks = {b: (as_tensor(d.x).to(device), as_tensor(d.y).to(device)) for b, d in session.blocks.items()}
-    core = WorkerCore(session.transport, codec, Replica(session.model, session.optimizer, session.placement.xp),
-                      blocks, block_batch_size(session), cfg.seed, session.faults, session.memory)
+    replica = Replica(session.model, session.optimizer, session.placement.xp,
+                      compress_buffers=cfg.compression.enabled)
+    core = WorkerCore(session.transport, codec, replica, blocks, block_batch_size(session), cfg.seed, session.faults,
+                      session.memory)
     while step <= cfg.train.steps:
         session.faults.straggle()
         core.upload(step, stop.requested)

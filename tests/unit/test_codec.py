@@ -48,7 +48,7 @@ def _sync(cfg: CompressionSettings, n: int, steps: int, workers: int = 3, seed: 
 
     def replica() -> Replica:
         model = FlatModel(_Logistic(n))
-        return Replica(model, torch.optim.SGD(model.module.parameters(), lr=0.1), np)
+        return Replica(model, torch.optim.SGD(model.module.parameters(), lr=0.1), np, compress_buffers=cfg.enabled)
 
     codecs = [GradientCodec(n, cfg, seed=seed, rank=r) for r in range(workers + 1)]
     server = ServerCore(hub.endpoints[0], codecs[0], Combiner(AggregationConfig(weighting="uniform"), workers, seed),

@@ -85,6 +85,16 @@ def test_batchnorm_buffers_are_synchronised_and_hashed():
     assert sim.rows[0]["bytes_up"] == 2 * (HEADER.itemsize + 4 * (model.size + model.buffer_size))
 
 
+def test_compressed_runs_send_batchnorm_buffers_as_fp16_changes_and_stay_identical():
+    resnet = ["model.name=resnet", "model.depth=8", "model.hidden=16", "data.name=digits", "train.steps=6"]
+    sim = run(*resnet, "compression.enabled=true", "compression.refresh_every=2", workers=2)
+    model, coding = sim.server.replica.model, sim.server.replica.buffer_coding
+    assert coding.lossy and coding.nbytes == 4 + 2 * model.buffer_size and sim.replicas_identical()
+    exact = run(*resnet, workers=2).server.replica.model.export_buffers().numpy()
+    buffers = model.export_buffers().numpy()
+    assert not np.array_equal(buffers, exact) and np.allclose(buffers, exact, rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("weighting", ["uniform", "median", "fltrust", "actor_critic"])
 def test_every_weighting_runs_in_the_coefficient_domain(weighting):
     sim = run("compression.enabled=true", f"aggregation.weighting={weighting}", "aggregation.validation_size=40",
