@@ -36,6 +36,7 @@ from hpcfed.aggregation.combiner import Combiner
 from hpcfed.codec.buffers import BufferCoding
 from hpcfed.codec.codec import GradientCodec
 from hpcfed.coding import Assignment, CompletionTracker, block_batch
+from hpcfed.config import CodingConfig
 from hpcfed.errors import HpcfedError
 from hpcfed.models import FlatModel
 from hpcfed.optim import state_tensors
@@ -286,6 +287,23 @@ class ServerCore:
     def close(self) -> None:
         self.transport.wait_all(self.update_sends + self.resync_sends)
         self.inbox.close()
+
+
+def completion_rule(coding: CodingConfig, n_workers: int) -> tuple[str, int]:
+    """(mode, wait_for) of a ``coding`` config section: ``wait-all`` unless coding is on; k defaults to W - 1."""
+    mode = coding.mode if coding.enabled else "wait-all"
+    return mode, coding.target if coding.target is not None else max(1, n_workers - 1)
+
+
+def validation_pass(replica: Replica, codec: GradientCodec, x: Any, y: Any) -> Callable[[int], tuple[float, Any]]:
+    """Rank 0's ``validation`` for :class:`ServerCore`: its loss and gradient (projected into the codec's
+    coefficient domain) on the validation set (x, y), with the buffers left as they were."""
+    def validation(step: int) -> tuple[float, Any]:
+        buffers = replica.buffers().copy()
+        loss = replica.model.backward(x, y)
+        replica.load_buffers(buffers)
+        return loss, codec.project(replica.grads, step)
+    return validation
 
 
 def apply_update(replica: Replica, codec: GradientCodec, step: int, packet: Any, buffers: Any, kernel: Any,

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from hpcfed.aggregation.combiner import Combiner
-from hpcfed.algorithms.sync_core import Replica, Schedule, ServerCore, WorkerCore
+from hpcfed.algorithms.sync_core import (Replica, Schedule, ServerCore, WorkerCore, completion_rule,
+                                         validation_pass)
 from hpcfed.codec.codec import GradientCodec
 from hpcfed.config import Config
 from hpcfed.data.datasets import Dataset, load_dataset, train_test_split
@@ -143,16 +144,9 @@ def build(cfg: Config, n_workers: int, data: Dataset | None = None) -> LoopbackS
     server_replica, server_codec = replica(SERVER)
     check = None
     if validation is not None:
-        xv, yv = torch.from_numpy(validation.x), torch.from_numpy(validation.y)
-
-        def check(step: int) -> tuple[float, object]:
-            buffers = server_replica.buffers().copy()
-            loss = server_replica.model.backward(xv, yv)
-            server_replica.load_buffers(buffers)
-            return loss, server_codec.project(server_replica.grads, step)
-
-    mode = cfg.coding.mode if cfg.coding.enabled else "wait-all"
-    wait_for = cfg.coding.target if cfg.coding.target is not None else max(1, n_workers - 1)
+        check = validation_pass(server_replica, server_codec, torch.from_numpy(validation.x),
+                                torch.from_numpy(validation.y))
+    mode, wait_for = completion_rule(cfg.coding, n_workers)
     server = ServerCore(hub.endpoints[SERVER], server_codec, Combiner(cfg.aggregation, n_workers, cfg.seed),
                         server_replica, assignment, mode, wait_for, batch,
                         Schedule(cfg.train.steps, cfg.checkpoint.every), NoStop(), validation=check)

@@ -24,13 +24,13 @@ over the session's transport and adds evaluation, traces and checkpoints.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 
 from hpcfed import checkpointing
 from hpcfed.aggregation.combiner import Combiner
-from hpcfed.algorithms.sync_core import Replica, Schedule, ServerCore, WorkerCore
+from hpcfed.algorithms.sync_core import (Replica, Schedule, ServerCore, WorkerCore, completion_rule,
+                                         validation_pass)
 from hpcfed.checkpointing import LocalState
 from hpcfed.codec.codec import GradientCodec
 from hpcfed.models import save_model
@@ -100,22 +100,14 @@ def load_local_state(session: Session, codec: GradientCodec, local: LocalState, 
 def server_core(session: Session, codec: GradientCodec, stop: StopRequest) -> ServerCore:
     """Rank 0's step core for this session's config."""
     cfg, workers = session.cfg, session.n_workers
-    mode = cfg.coding.mode if cfg.coding.enabled else "wait-all"
-    wait_for = cfg.coding.target if cfg.coding.target is not None else max(1, workers - 1)
+    mode, wait_for = completion_rule(cfg.coding, workers)
     replica = Replica(session.model, session.optimizer, session.placement.xp,
                       compress_buffers=cfg.compression.enabled)
     combiner = Combiner(cfg.aggregation, workers, cfg.seed)
     validation = None
     if session.validation is not None:
         x, y = session.tensor(session.validation.x), session.tensor(session.validation.y)
-
-        def validation(step: int) -> tuple[float, Any]:
-            """Rank 0's loss and gradient on its validation set (buffers left as they were)."""
-            buffers = replica.buffers().copy()
-            loss = session.model.backward(x, y)
-            replica.load_buffers(buffers)
-            return loss, codec.project(replica.grads, step)
-
+        validation = validation_pass(replica, codec, x, y)
     return ServerCore(session.transport, codec, combiner, replica, session.assignment, mode, wait_for,
                       block_batch_size(session), Schedule(cfg.train.steps, cfg.checkpoint.every), stop,
                       session.memory, validation)
