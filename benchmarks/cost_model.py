@@ -3,11 +3,11 @@
 Sizes come from the product's own codec (payload_nbytes, a real local and global kernel of random
 gradients at the second refresh, a delta with the default ``swap``), not from a formula typed in. Per worker and step, with
 b blocks per worker (1 without coding), n parameters, k = keep * n kept coefficients, tail t < block^2,
-g = ceil(k / group) quantization groups and B buffer floats:
+g = ceil(k / group) quantization groups and B buffer floats (sent as fp16 changes: b_B = 4 + 2 B, 0 if B = 0):
 
-    up   = b * (48 + 4 g + 4 t + ceil(k bits / 8) + 1 + 4 B) + local kernel / refresh_every
-    down =      48 + 4 g + 4 t + ceil(k bits / 8) + 1 + 4 B  + global kernel / refresh_every
-    dense: 48 + 4 n each way
+    up   = b * (48 + 4 g + 4 t + ceil(k bits / 8) + 1 + b_B) + local kernel / refresh_every
+    down =      48 + 4 g + 4 t + ceil(k bits / 8) + 1 + b_B  + global kernel / refresh_every
+    dense: 48 + 4 n + 4 B each way
 
 Rank 0 per step: W b unpacks of k values (dequantize) and an O(W b (k + t)) weighted sum, one O(k)
 quantization, one inverse DCT of n values and the optimizer step to apply its update (the same as every
