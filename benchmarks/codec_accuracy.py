@@ -44,6 +44,10 @@ def powersgd_bytes(model: torch.nn.Module, rank: int, steps: int) -> float:
     return (warm * dense + (steps - warm) * compressed) / steps
 
 
+def progress(seed: int, name: str, accuracy: float, up: float) -> None:
+    print(f"seed {seed} {name}: {accuracy:.2f}%, {up:,.0f} B up per worker per step", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="digits")
@@ -72,6 +76,7 @@ def main() -> None:
             entry = results.setdefault(f"hpcfed {setting or 'defaults'}", {"accuracy": [], "up": [], "down": []})
             for key in ("accuracy", "up", "down"):
                 entry[key].append(run[key])
+            progress(seed, f"hpcfed {setting or 'defaults'}", run["accuracy"], run["up"])
         model = build_model(cfg.model, data.sample_shape, data.num_classes, seed)
         for rank in args.powersgd:
             ddp = run_ddp(args.workers, None, task, powersgd=rank, port=29600 + rank + 10 * seed, data=data)
@@ -80,6 +85,7 @@ def main() -> None:
             entry["accuracy"].append(100 * ddp["final_accuracy"])
             entry["up"].append(nbytes)
             entry["down"].append(nbytes)
+            progress(seed, f"DDP + PowerSGD rank {rank}", 100 * ddp["final_accuracy"], nbytes)
     dense = 4 * sum(p.numel() for p in model.parameters())
     rows = []
     for name, entry in results.items():
