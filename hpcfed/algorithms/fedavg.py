@@ -17,7 +17,7 @@ import torch
 
 from hpcfed.aggregation.combiner import Combiner
 from hpcfed.coding import block_batch
-from hpcfed.config import ServerAdjustConfig
+from hpcfed.config import Config, ServerAdjustConfig
 from hpcfed.data.datasets import Dataset, carve
 from hpcfed.models import FlatModel, save_model
 from hpcfed.optim import make_optimizer, state_tensors
@@ -57,12 +57,16 @@ def mean_buffers(reported: list[np.ndarray], counts: list[int]) -> np.ndarray:
     return total / np.float32(sum(counts))
 
 
-def validation_delta(model: FlatModel, validation: tuple[torch.Tensor, torch.Tensor], lr: float) -> np.ndarray:
-    """Rank 0's reference update: one step of -lr * gradient on its validation set (buffers untouched)."""
-    buffers = model.export_buffers()
-    model.backward(*validation)
+def validation_delta(cfg: Config, model: FlatModel, validation: tuple[torch.Tensor, torch.Tensor],
+                     round_: int) -> np.ndarray:
+    """Rank 0's reference update, trained as a client trains (FLTrust's server update): ``local_steps``
+    steps of a fresh optimizer on its validation set from the global model; the model is put back."""
+    start, buffers = model.params.clone(), model.export_buffers()
+    local_training(cfg, model, make_optimizer(cfg.train, model), *validation, cfg.federated.clients, round_)
+    delta = (model.params - start).numpy().copy()
+    model.params.copy_(start)
     model.import_buffers(buffers)
-    return (-lr * model.grads).numpy().copy()
+    return delta
 
 
 def clients_per_round(clients: int, fraction: float) -> int:
@@ -154,7 +158,7 @@ def server(session: Session) -> dict | int:
         counts = [session.block_sizes[c] for c in chosen]
         reference = None
         if combiner.learns or combiner.wants_reference:
-            reference = validation_delta(model, validation, cfg.train.lr)
+            reference = validation_delta(cfg, model, validation, round_)
         delta, weights = combiner.combine(list(chosen), [u[:model.size] for u in uploads], counts,
                                           reference=reference)
         before = model.evaluate(*validation)[0] if combiner.learns else 0.0
@@ -273,14 +277,22 @@ def train_client(session: Session, client: int, start: torch.Tensor, round_: int
     if cfg.federated.keep_optimizer_state and client in kept:
         for tensor, saved in zip(state_tensors(optimizer), kept[client]):
             tensor.copy_(saved)
+    loss = local_training(cfg, model, optimizer, x, y, client, round_)
+    if cfg.federated.keep_optimizer_state:
+        kept[client] = [t.clone() for t in state_tensors(optimizer)]
+    return loss
+
+
+def local_training(cfg: Config, model: FlatModel, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                   y: torch.Tensor, stream: int, round_: int) -> float:
+    """``federated.local_steps`` optimizer steps on (x, y), batches drawn for ``stream`` (a client, or
+    ``federated.clients`` for rank 0's reference) and the round; returns the mean loss."""
     losses = []
     for local in range(cfg.federated.local_steps):
-        rows = torch.from_numpy(block_batch(len(y), cfg.train.batch_size, cfg.seed, client,
+        rows = torch.from_numpy(block_batch(len(y), cfg.train.batch_size, cfg.seed, stream,
                                             (round_ - 1) * cfg.federated.local_steps + local))
         losses.append(model.backward(x[rows], y[rows]))
         optimizer.step()
-    if cfg.federated.keep_optimizer_state:
-        kept[client] = [t.clone() for t in state_tensors(optimizer)]
     return float(np.mean(losses))
 
 

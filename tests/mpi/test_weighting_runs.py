@@ -1,5 +1,7 @@
 """Aggregation rules in real runs: actor-critic weights in the trace, fault injection, bad combinations."""
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -30,3 +32,15 @@ def test_node_level_rules_refuse_coded_blocks(tmp_path):
     result = run_mpi(4, ["run", "--set", "aggregation.weighting=median", "--set", "coding.enabled=true",
                          "--set", f"output.dir={tmp_path}"], timeout=60)
     assert result.returncode == 2 and "weighs whole workers" in result.stderr
+
+
+def test_fltrust_in_fedavg_trains_with_a_client_sized_reference_update(tmp_path):
+    """Rank 0's reference is trained like a client's delta (local_steps steps), so FLTrust's rescaling
+    to its norm keeps the clients' step size (with a one-gradient-step reference: 9.5% after 15 rounds)."""
+    result = run_mpi(4, ["run", "--set", "algorithm=fedavg", "--set", "federated.clients=12", "--set",
+                         "federated.rounds=15", "--set", "federated.local_steps=10", "--set",
+                         "federated.server_adjust.enabled=false", "--set", "aggregation.weighting=fltrust",
+                         "--set", f"output.dir={tmp_path}"], timeout=240)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_accuracy"] >= 0.85 and summary["replicas_identical"], summary["final_accuracy"]
