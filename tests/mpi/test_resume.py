@@ -83,6 +83,21 @@ def test_stop_and_resume_is_bit_identical(tmp_path):
     assert list(steps) == list(range(1, 41)) and {"checkpoint", "stop", "resume"} <= kinds
 
 
+def test_compressed_batchnorm_run_resumes_bit_identically(tmp_path):
+    """BatchNorm buffers travel as fp16 changes when compressed; the checkpoint holds the synced ones."""
+    model = ["--set", "model.name=resnet", "--set", "model.depth=8", "--set", "model.hidden=16", "--set",
+             "compression.enabled=true", "--set", "checkpoint.every=10", "--set", "train.eval_every=100"]
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    for out, steps in ((whole, 20), (parted, 10)):
+        result = run_mpi(3, ["run", *model, "--set", f"train.steps={steps}", "--set", f"output.dir={out}"],
+                         timeout=240)
+        assert result.returncode == 0, result.stderr
+    (parted / "summary.json").unlink()
+    resumed = run_mpi(3, ["run", "--resume", str(parted), "--set", "train.steps=20"], timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary(parted)["param_hashes"] == summary(whole)["param_hashes"] and summary(whole)["replicas_identical"]
+
+
 def test_killed_worker_ends_job_and_checkpoint_resumes(tmp_path):
     run_dir = tmp_path / "run"
     proc = start([*RUN, *SLOW, "--set", f"output.dir={run_dir}"])
