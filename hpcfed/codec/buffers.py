@@ -3,9 +3,10 @@
 Every rank holds the same synchronised buffers; a worker's report differs from them only by one
 batch's contribution. :class:`BufferCoding` sends either the buffers themselves as fp32 (exact:
 compression off) or, with compression on, their change against the synchronised buffers as fp16
-codes under one power-of-two scale (``4 + 2 n`` bytes instead of ``4 n``): the scale keeps every code
-below 2**14, so nothing overflows fp16, and each change keeps fp16's 11 significant bits. Rank 0 averages the decoded reports and encodes the mean the same
-way; every rank decodes those bytes against the same synchronised buffers, so replicas agree bit for bit.
+codes under one power-of-two scale (``4 + 2 n`` bytes instead of ``4 n``): the scale keeps every
+code below 2**14, so nothing overflows fp16, and each change keeps fp16's 11 significant bits.
+Rank 0 averages the decoded reports and encodes the mean the same way; every rank decodes those
+bytes against the same synchronised buffers, so replicas agree bit for bit.
 """
 
 from __future__ import annotations
@@ -50,4 +51,3 @@ class BufferCoding:
         for raw in reports:
             total += self.decode(raw, synced)
         return self.encode(total / xp.float32(max(len(reports), 1)), synced)
-

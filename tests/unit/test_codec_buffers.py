@@ -6,19 +6,19 @@ from hypothesis import given, settings, strategies as st
 from hpcfed.codec.buffers import BufferCoding
 
 
-def _vectors(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _encoded(size: int, seed: int, lossy: bool) -> tuple[np.ndarray, np.ndarray, BufferCoding, np.ndarray]:
+    """(synced, buffers, coding, encoded bytes) for random buffers and changes over many magnitudes."""
     rng = np.random.default_rng(seed)
     synced = (rng.standard_normal(size) * 10.0 ** rng.integers(-3, 6)).astype(np.float32)
-    change = (rng.standard_normal(size) * 10.0 ** rng.integers(-8, 8)).astype(np.float32)
-    return synced, synced + change
+    buffers = synced + (rng.standard_normal(size) * 10.0 ** rng.integers(-8, 8)).astype(np.float32)
+    coding = BufferCoding(size, lossy=lossy, xp=np)
+    return synced, buffers, coding, coding.encode(buffers, synced)
 
 
 @settings(max_examples=80, deadline=None)
 @given(size=st.integers(1, 500), seed=st.integers(0, 2**31))
 def test_exact_coding_round_trips_bit_for_bit(size, seed) -> None:
-    synced, buffers = _vectors(size, seed)
-    coding = BufferCoding(size, lossy=False, xp=np)
-    raw = coding.encode(buffers, synced)
+    synced, buffers, coding, raw = _encoded(size, seed, lossy=False)
     assert raw.dtype == np.uint8 and raw.size == coding.nbytes == 4 * size
     assert np.array_equal(coding.decode(raw, synced), buffers)
 
@@ -26,16 +26,15 @@ def test_exact_coding_round_trips_bit_for_bit(size, seed) -> None:
 @settings(max_examples=80, deadline=None)
 @given(size=st.integers(1, 500), seed=st.integers(0, 2**31))
 def test_lossy_coding_keeps_fp16_precision_of_the_largest_change_and_half_the_bytes(size, seed) -> None:
-    synced, buffers = _vectors(size, seed)
-    coding = BufferCoding(size, lossy=True, xp=np)
-    raw = coding.encode(buffers, synced)
+    synced, buffers, coding, raw = _encoded(size, seed, lossy=True)
     assert raw.size == coding.nbytes == 4 + 2 * size
     back = coding.decode(raw, synced)
     assert np.isfinite(back).all()
     change = np.abs(buffers.astype(np.float64) - synced)
     # one fp16 rounding of each change (relative 2**-11, or the subnormal step 2**-24 of the largest
     # code 2**14) plus the fp32 rounding of the subtraction and of the sum
-    bound = change * 2.0 ** -11 + change.max() * 2.0 ** -38 + 2 * np.spacing(np.abs(buffers)) + np.spacing(np.abs(synced))
+    bound = (change * 2.0 ** -11 + change.max() * 2.0 ** -38
+             + 2 * np.spacing(np.abs(buffers)) + np.spacing(np.abs(synced)))
     assert (np.abs(back.astype(np.float64) - buffers) <= bound).all()
 
 
