@@ -170,6 +170,10 @@ class AggregationConfig(Section):
     validation_size: int = Field(100, ge=1, description="actor_critic, fltrust: training samples held out at rank 0 "
                                                         "for its reference update and the actor-critic's reward "
                                                         "(validation-loss improvement)")
+    validation_batch: int = Field(32, ge=1, description="sync: validation samples per step for rank 0's reference "
+                                                        "gradient, a fresh seeded draw each step (the actor-critic's "
+                                                        "reward compares the losses before and after an update on "
+                                                        "the same draw); the whole set when >= validation_size")
     actor_critic: ActorCriticSettings = ActorCriticSettings()
 
 
@@ -186,6 +190,10 @@ class MpiConfig(Section):
     transfer: Literal["auto", "host", "staged", "direct"] = Field(
         "auto", description="how frames travel: auto = direct (CUDA-aware) or staged (pinned host) on GPUs, "
                             "host on CPUs; staged/direct on CPU ranks exercise those paths")
+    wait: Literal["auto", "busy", "sleep"] = Field(
+        "auto", description="how a rank waits for frames: busy = MPI's own wait (lowest latency, holds a core), "
+                            "sleep = test and sleep up to 1 ms (leaves the CPU to ranks that compute); auto = sleep "
+                            "where a node runs more ranks than the CPUs they may use")
 
 
 class OutputConfig(Section):

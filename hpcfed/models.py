@@ -254,6 +254,12 @@ class FlatModel:
         return float(loss.detach())
 
     @torch.no_grad()
+    def train_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The loss :meth:`backward` would return (train mode), without the backward; buffers may change."""
+        self.module.train()
+        return float(nn.functional.cross_entropy(self.module(x.to(dtype=torch.float32)), y))
+
+    @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> tuple[float, float]:
         """(mean loss, accuracy) on a labelled set, in eval mode, ``batch_size`` samples per forward pass
         (default: all); each batch is cast to fp32 and moved to the model's device as it is formed."""

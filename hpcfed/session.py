@@ -61,6 +61,7 @@ class Session:
     placement: Placement = Placement("cpu", "default")   # this rank's device
     memory: Memory = field(default_factory=lambda: Memory("host"))   # where its frames live
     cuda_aware: CudaAwareness = CudaAwareness(False, "not decided")  # agreed by every rank
+    waiting: str = "busy (default)"   # how this rank waits for frames (mpi.wait), with the reason
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +115,7 @@ def start_session(config_path: str | None, overrides: list[str], transport: Tran
     limit_threads(cfg.train.threads)
     placement, memory, cuda_aware = place_rank(cfg, transport)
     placement.activate()   # before anything lands on the GPU (direct transfers receive data into device memory)
+    waiting = transport.wait_mode(cfg.mpi.wait)
     n_workers = transport.size - 1
 
     by_index = cfg.data.read == "index"
@@ -174,7 +176,7 @@ def start_session(config_path: str | None, overrides: list[str], transport: Tran
     return Session(cfg, transport, model, make_optimizer(cfg.train, model), assignment, mine, test, run_dir, log,
                    shared=shared_set, validation=validation, block_sizes=[len(b) for b in blocks],
                    bytes_data=bytes_data, checkpoint=checkpoint, faults=faults, placement=placement,
-                   memory=memory, cuda_aware=cuda_aware)
+                   memory=memory, cuda_aware=cuda_aware, waiting=waiting)
 
 
 def read_dataset(path: str, ids: np.ndarray, y: np.ndarray, num_classes: int) -> Dataset:

@@ -23,7 +23,7 @@ def open_trace(session: Session, step_columns: list[str], worker_columns: list[s
     transport = session.transport
     hosts = transport.gather(socket.gethostname())
     devices = transport.gather(f"{session.placement.device} ({session.placement.reason}; transfer "
-                               f"{session.memory.transfer})")
+                               f"{session.memory.transfer}; wait {session.waiting})")
     if not session.is_server:
         return None
     path = session.run_dir / "trace.h5"

@@ -44,6 +44,7 @@ from hpcfed.runtime.comm import HEADER, SERVER, Flag, Frame, Kind, Tag
 from hpcfed.runtime.device import as_array, as_tensor
 from hpcfed.runtime.inbox import Inbox
 from hpcfed.runtime.memory import HOST, Memory
+from hpcfed.seeding import rng
 from hpcfed.xp import to_numpy
 
 
@@ -110,11 +111,11 @@ class ServerCore:
     def __init__(self, transport: Any, codec: GradientCodec, combiner: Combiner, replica: Replica,
                  assignment: Assignment, mode: str, wait_for: int, block_batch_size: int, schedule: Schedule,
                  stop: Any, memory: Memory = HOST,
-                 validation: Callable[[int], tuple[float, Any]] | None = None) -> None:
+                 validation: Callable[[int, bool], tuple[float, float, Any]] | None = None) -> None:
         self.transport, self.codec, self.combiner, self.replica = transport, codec, combiner, replica
         self.assignment, self.mode, self.wait_for = assignment, mode, wait_for
         self.block_batch_size, self.schedule, self.stop = block_batch_size, schedule, stop
-        self.validation = validation   # step -> (validation loss, rank 0's gradient there, unpacked); or None
+        self.validation = validation   # (step, reward?) -> (loss before, loss, rank 0's gradient); or None
         self.n_workers = assignment.n_workers
         self.tracker = CompletionTracker(assignment)
         xp = replica.xp
@@ -221,9 +222,9 @@ class ServerCore:
         return rank 0's own gradient on its validation set (None when the rule wants none)."""
         if self.validation is None or not (self.combiner.learns or self.combiner.wants_reference):
             return None
-        loss, reference = self.validation(step)
+        before, loss, reference = self.validation(step, self.combiner.learns)
         if self.combiner.learns and np.isfinite(self.last_validation_loss):
-            self.combiner.feedback(self.last_validation_loss - loss)
+            self.combiner.feedback(self.last_validation_loss - before)   # the last update's effect on one draw
         self.last_validation_loss = loss
         return reference if self.combiner.wants_reference else None
 
@@ -295,14 +296,28 @@ def completion_rule(coding: CodingConfig, n_workers: int) -> tuple[str, int]:
     return mode, coding.target if coding.target is not None else max(1, n_workers - 1)
 
 
-def validation_pass(replica: Replica, codec: GradientCodec, x: Any, y: Any) -> Callable[[int], tuple[float, Any]]:
-    """Rank 0's ``validation`` for :class:`ServerCore`: its loss and gradient (projected into the codec's
-    coefficient domain) on the validation set (x, y), with the buffers left as they were."""
-    def validation(step: int) -> tuple[float, Any]:
+def validation_pass(replica: Replica, codec: GradientCodec, x: Any, y: Any, batch: int,
+                    seed: int) -> Callable[[int, bool], tuple[float, float, Any]]:
+    """Rank 0's ``validation`` for :class:`ServerCore`, on ``batch`` samples of the validation set (x, y)
+    drawn afresh each step (all of it when ``batch >= len(y)``): ``validation(step, reward)`` returns
+    (the loss on the previous step's draw when ``reward`` is asked, else NaN; the loss on this step's
+    draw; the gradient on it, projected into the codec's coefficient domain). Buffers are left as they were."""
+    def draw(step: int) -> Any:
+        if batch >= len(y):
+            return slice(None)
+        return torch.from_numpy(rng(seed, "validation", step).choice(len(y), batch, replace=False)).to(y.device)
+
+    def validation(step: int, reward: bool) -> tuple[float, float, Any]:
         buffers = replica.buffers().copy()
-        loss = replica.model.backward(x, y)
+        before = float("nan")
+        if reward and batch < len(y):   # with the whole set, this step's loss is the one on the previous draw
+            previous = draw(step - 1)
+            before = replica.model.train_loss(x[previous], y[previous])
+            replica.load_buffers(buffers)
+        rows = draw(step)
+        loss = replica.model.backward(x[rows], y[rows])
         replica.load_buffers(buffers)
-        return loss, codec.project(replica.grads, step)
+        return (loss if reward and batch >= len(y) else before), loss, codec.project(replica.grads, step)
     return validation
 
 

@@ -145,7 +145,7 @@ def build(cfg: Config, n_workers: int, data: Dataset | None = None) -> LoopbackS
     check = None
     if validation is not None:
         check = validation_pass(server_replica, server_codec, torch.from_numpy(validation.x),
-                                torch.from_numpy(validation.y))
+                                torch.from_numpy(validation.y), cfg.aggregation.validation_batch, cfg.seed)
     mode, wait_for = completion_rule(cfg.coding, n_workers)
     server = ServerCore(hub.endpoints[SERVER], server_codec, Combiner(cfg.aggregation, n_workers, cfg.seed),
                         server_replica, assignment, mode, wait_for, batch,

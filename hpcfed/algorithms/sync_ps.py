@@ -107,7 +107,7 @@ def server_core(session: Session, codec: GradientCodec, stop: StopRequest) -> Se
     validation = None
     if session.validation is not None:
         x, y = session.tensor(session.validation.x), session.tensor(session.validation.y)
-        validation = validation_pass(replica, codec, x, y)
+        validation = validation_pass(replica, codec, x, y, cfg.aggregation.validation_batch, cfg.seed)
     return ServerCore(session.transport, codec, combiner, replica, session.assignment, mode, wait_for,
                       block_batch_size(session), Schedule(cfg.train.steps, cfg.checkpoint.every), stop,
                       session.memory, validation)

@@ -11,6 +11,8 @@ the parties of ``hpcfed align`` uses the integer and byte-buffer calls only (no 
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
@@ -32,6 +34,30 @@ class Transport:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.bytes_sent = 0
+        self.sleep_wait = False   # poll with short sleeps instead of MPI's busy wait (see wait_mode)
+
+    def wait_mode(self, setting: str) -> str:
+        """Collective: set how this rank waits for frames, ``busy`` (MPI's own wait: the lowest latency,
+        but a waiting rank holds its core) or ``sleep`` (test, sleep 10 us doubling to 1 ms, test again:
+        waiting ranks leave the CPU to the ranks that compute); ``auto`` sleeps where the node runs more
+        ranks than the CPUs they may use. Returns the decision with its reason."""
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        cpus = set().union(*local.allgather(sorted(os.sched_getaffinity(0))))
+        ranks = local.Get_size()
+        local.Free()
+        crowded = ranks > len(cpus)
+        self.sleep_wait = setting == "sleep" or (setting == "auto" and crowded)
+        why = f"{ranks} ranks on {len(cpus)} CPUs of this node" if setting == "auto" else "set"
+        return f"{'sleep' if self.sleep_wait else 'busy'} ({why})"
+
+    @staticmethod
+    def _until(test: Callable[[], T | None]) -> T:
+        """Sleep-poll ``test`` until it returns something other than None; returns that."""
+        pause = 1e-5
+        while (result := test()) is None:
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+        return result
 
     # ---- frames, point to point ------------------------------------------------------------
 
@@ -56,7 +82,11 @@ class Transport:
         return self.comm.Isend(self._message(frame, nbytes), dest=dest, tag=self._tag(frame))
 
     def recv(self, frame: Frame, source: int, tag: Tag) -> None:
-        self.comm.Recv(self._message(frame), source=source, tag=int(tag))
+        if self.sleep_wait:
+            request = self.comm.Irecv(self._message(frame), source=source, tag=int(tag))
+            self._until(lambda: request.Test() or None)
+        else:
+            self.comm.Recv(self._message(frame), source=source, tag=int(tag))
         frame.arrived()
 
     def irecv(self, frame: Frame, source: int, tag: Tag) -> Request:
@@ -65,6 +95,8 @@ class Transport:
 
     def wait_some(self, requests: list[Request]) -> list[int]:
         """Block until at least one request completes; the indices of all that have (Waitsome)."""
+        if self.sleep_wait:   # Testsome: [] while none has completed, None when none is active
+            return self._until(lambda: None if (done := MPI.Request.Testsome(requests)) == [] else list(done or []))
         return list(MPI.Request.Waitsome(requests) or [])
 
     def test_some(self, requests: list[Request]) -> list[int]:
@@ -72,7 +104,10 @@ class Transport:
         return list(MPI.Request.Testsome(requests) or [])
 
     def wait_all(self, requests: Sequence[Request]) -> None:
-        MPI.Request.Waitall(list(requests))
+        if self.sleep_wait:
+            self._until(lambda: MPI.Request.Testall(list(requests)) or None)
+        else:
+            MPI.Request.Waitall(list(requests))
 
     def cancel_all(self, requests: list[Request]) -> None:
         """Cancel posted receives nobody will match, then complete them."""

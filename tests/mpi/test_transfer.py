@@ -1,4 +1,4 @@
-"""The three transfer paths under real mpiexec on CPU ranks, and device errors."""
+"""The three transfer paths and both ways of waiting under real mpiexec on CPU ranks, and device errors."""
 
 import json
 
@@ -29,6 +29,24 @@ def test_staged_and_direct_paths_train_bit_identically_to_host(tmp_path):
         assert len(devices) == 4 and all(f"transfer {transfer}" in d for d in devices)
         assert not attrs["cuda_aware_mpi"] and "mpi_memory_alloc_kinds" in attrs["cuda_aware_reason"]
     assert hashes["staged"] == hashes["direct"] == hashes["host"]
+
+
+def test_busy_and_sleeping_waits_train_bit_identically(tmp_path):
+    """mpi.wait changes only how a rank waits: the same run ends with the same parameters, and the trace
+    records each rank's mode (auto decides from ranks and CPUs of the node)."""
+    hashes = {}
+    for wait in ("busy", "sleep", "auto"):
+        out = tmp_path / wait
+        result = run_mpi(4, [*RUN, "--set", f"mpi.wait={wait}", "--set", f"output.dir={out}"], timeout=180)
+        assert result.returncode == 0, result.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["replicas_identical"]
+        hashes[wait] = summary["param_hashes"][0]
+        with h5py.File(out / "trace.h5", "r") as trace:
+            devices = json.loads(read_attrs(trace)["devices"])
+        expected = {"busy": "wait busy (set)", "sleep": "wait sleep (set)", "auto": "ranks on "}[wait]
+        assert len(devices) == 4 and all(expected in d for d in devices), devices
+    assert hashes["busy"] == hashes["sleep"] == hashes["auto"]
 
 
 @pytest.mark.parametrize("transfer", ["staged", "direct"])

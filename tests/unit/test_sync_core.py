@@ -110,3 +110,19 @@ def test_delta_kernel_refreshes_keep_replicas_identical_and_cost_fewer_bytes():
     assert delta.replicas_identical() and delta.rows[-1]["kernel_version"] == full.rows[-1]["kernel_version"]
     assert {core.codec.version for core in delta.workers.values()} == {delta.server.codec.version}
     assert delta.server.kernel_bytes < 0.5 * full.server.kernel_bytes
+
+
+@pytest.mark.parametrize("batch", [8, 40])
+def test_the_validation_reward_compares_one_draw_before_and_after(batch):
+    """validation(step, reward=True)'s first loss is taken on the previous step's draw: with the model
+    unchanged in between it equals that step's loss exactly (on all 40 samples: the same loss)."""
+    sim = sync_loopback.build(load_config(None, [*BASE, "aggregation.weighting=actor_critic",
+                                                 "aggregation.validation_size=40",
+                                                 f"aggregation.validation_batch={batch}"]), 3)
+    validation = sim.server.validation
+    losses = [validation(step, True) for step in range(1, 5)]
+    assert all(before == previous[1] for previous, (before, _, _) in zip(losses, losses[1:]))
+    assert len({loss for _, loss, _ in losses}) == (4 if batch < 40 else 1)   # fresh draws, or the whole set
+    buffers_and_params = sim.server.replica.model.digest()
+    validation(5, True)
+    assert sim.server.replica.model.digest() == buffers_and_params
