@@ -153,15 +153,15 @@ def server(session: Session) -> dict | int:
         hosts = sorted({host_of(c, session.n_workers) for c in chosen})
         sends = [transport.isend(outbox, nbytes, rank) for rank in hosts]
         receives = [transport.irecv(inbox[c], host_of(c, session.n_workers), Tag.UPLINK) for c in chosen]
+        reference = None   # rank 0's own work on the global model runs while the clients train
+        if combiner.learns or combiner.wants_reference:
+            reference = validation_delta(cfg, model, validation, round_)
+        before = model.evaluate(*validation)[0] if combiner.learns else 0.0
         transport.wait_all(sends + receives)
         uploads = [inbox[c].payload(np.float32) for c in chosen]   # client order: reproducible
         counts = [session.block_sizes[c] for c in chosen]
-        reference = None
-        if combiner.learns or combiner.wants_reference:
-            reference = validation_delta(cfg, model, validation, round_)
         delta, weights = combiner.combine(list(chosen), [u[:model.size] for u in uploads], counts,
                                           reference=reference)
-        before = model.evaluate(*validation)[0] if combiner.learns else 0.0
         model.params.add_(torch.from_numpy(np.asarray(delta, dtype=np.float32)))
         model.import_buffers(torch.from_numpy(mean_buffers([u[model.size:] for u in uploads], counts)))
         if combiner.learns:
