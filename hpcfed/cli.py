@@ -99,6 +99,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
     from mpi4py import MPI
 
+    from hpcfed.codec import dct
     from hpcfed.config import Config
     from hpcfed.runtime.device import cupy_or_none, visible_gpus
     from hpcfed.runtime.transport import Transport
@@ -121,6 +122,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("torch", f"{torch.__version__} (CUDA available: {torch.cuda.is_available()})"),
         ("h5py", f"{h5py.__version__} (HDF5 {h5py.version.hdf5_version})"),
         ("cupy", f"{cupy.__version__}" if cupy else "not available"),
+        ("CPU block DCT", dct.fused_kind()),
         ("CUDA-aware MPI", f"{'yes' if cuda_aware.cuda_aware else 'no'} ({cuda_aware.reason})"),
         ("GPUs (rank 0)", f"{visible_gpus()[0]} visible to torch"),
         *(("device: auto" if i == 0 else "", line) for i, line in enumerate(placements)),

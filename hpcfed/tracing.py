@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from hpcfed import __version__
+from hpcfed.codec import dct
 from hpcfed.io.trace import TraceWriter
 from hpcfed.session import Session
 
@@ -23,7 +24,7 @@ def open_trace(session: Session, step_columns: list[str], worker_columns: list[s
     transport = session.transport
     hosts = transport.gather(socket.gethostname())
     devices = transport.gather(f"{session.placement.device} ({session.placement.reason}; transfer "
-                               f"{session.memory.transfer}; wait {session.waiting})")
+                               f"{session.memory.transfer}; wait {session.waiting}; cpu dct {dct.fused_kind()})")
     if not session.is_server:
         return None
     path = session.run_dir / "trace.h5"

@@ -317,7 +317,9 @@ def validation_pass(replica: Replica, codec: GradientCodec, x: Any, y: Any, batc
         rows = draw(step)
         loss = replica.model.backward(x[rows], y[rows])
         replica.load_buffers(buffers)
-        return (loss if reward and batch >= len(y) else before), loss, codec.project(replica.grads, step)
+        if reward and batch >= len(y):
+            before = loss
+        return before, loss, codec.project(replica.grads, step)
     return validation
 
 

@@ -284,7 +284,7 @@ class GradientCodec:
     def _transform(self, grad: Any, values: Any, add_residual: bool, history: bool) -> float:
         """One chunked pass over the coefficients of ``grad``: coef = DCT(grad) (+ residual, stored as the
         residual when ``add_residual``); ``values`` (if given) receives coef at the kernel; ``energy +=
-        coef**2`` when ``history``. Returns the sum of coef**2 (0 without ``values``)."""
+        coef**2`` when ``history``. Returns the sum of coef**2 when ``values`` is given."""
         xp, n = self.xp, self.cfg.block
         total = 0.0
         if not self.n_coef:
@@ -292,15 +292,21 @@ class GradientCodec:
         size = self._chunk
         tmp = self._buffer("dct", size)
         work = self._buffer("work", size) if n > 8 else None
-        square = self._buffer("square", size) if history else None
+        fused = dct.fused(n, xp)
+        square = self._buffer("square", size) if history and not fused else None
         for start, stop, a, b in self._chunks:
+            coef = self._residual[start:stop] if add_residual else tmp[: stop - start]
+            kept = (self._local[a:b], values[a:b]) if values is not None else (None, None)
+            if fused:
+                total += dct.forward_fused(grad[start:stop], coef, self.energy[start:stop] if history else None,
+                                           add_residual, *kept)
+                continue
             if add_residual:
-                coef = self._residual[start:stop]
                 dct.forward(grad[start:stop], n, xp, out=coef, work=tmp[: stop - start], add=True)
             else:
-                coef = dct.forward(grad[start:stop], n, xp, out=tmp[: stop - start], work=work).reshape(-1)
+                coef = dct.forward(grad[start:stop], n, xp, out=coef, work=work).reshape(-1)
             if values is not None:
-                values[a:b] = coef[self._local[a:b]]
+                values[a:b] = coef[kept[0]]
                 total += float(xp.dot(coef, coef))
             if history:
                 self.energy[start:stop] += xp.multiply(coef, coef, out=square[: stop - start])

@@ -9,6 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from conftest import REPO, run_mpi
+from hpcfed.codec import dct
 
 pytestmark = pytest.mark.mpi
 SMALL = ["--set", "train.steps=12", "--set", "train.eval_every=4"]
@@ -100,5 +101,6 @@ def test_info_reports_cuda_aware_decision():
     result = run_mpi(2, ["info"], timeout=60)
     assert result.returncode == 0, result.stderr
     assert "world size      2" in result.stdout and "CUDA-aware MPI  no (" in result.stdout
+    assert f"CPU block DCT   {dct.fused_kind()}" in result.stdout
     forced = run_mpi(2, ["info"], timeout=60, env={"HPCFED_CUDA_AWARE": "1"})
     assert "CUDA-aware MPI  yes (set by HPCFED_CUDA_AWARE=1)" in forced.stdout

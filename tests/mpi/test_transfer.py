@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import run_mpi
+from hpcfed.codec import dct
 from hpcfed.io import read_attrs
 
 pytestmark = pytest.mark.mpi
@@ -14,39 +15,40 @@ RUN = ["run", "--set", "train.steps=12", "--set", "train.eval_every=6", "--set",
        "--set", "compression.warmup_steps=2", "--set", "compression.refresh_every=4"]
 
 
-def test_staged_and_direct_paths_train_bit_identically_to_host(tmp_path):
-    hashes = {}
-    for transfer in ("host", "staged", "direct"):
-        out = tmp_path / transfer
-        result = run_mpi(4, [*RUN, "--set", f"mpi.transfer={transfer}", "--set", f"output.dir={out}"], timeout=180)
+def _runs(tmp_path, key, values):
+    """One short compressed run per value of the ``mpi`` setting ``key``: {value: (summary, trace attrs, devices)};
+    every run must succeed with identical replicas."""
+    runs = {}
+    for value in values:
+        out = tmp_path / value
+        result = run_mpi(4, [*RUN, "--set", f"mpi.{key}={value}", "--set", f"output.dir={out}"], timeout=180)
         assert result.returncode == 0, result.stderr
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["replicas_identical"] and summary["kernel_bytes"] > 0
-        hashes[transfer] = summary["param_hashes"][0]
+        assert summary["replicas_identical"]
         with h5py.File(out / "trace.h5", "r") as trace:
             attrs = read_attrs(trace)
-        devices = json.loads(attrs["devices"])
+        runs[value] = summary, attrs, json.loads(attrs["devices"])
+    return runs
+
+
+def test_staged_and_direct_paths_train_bit_identically_to_host(tmp_path):
+    runs = _runs(tmp_path, "transfer", ("host", "staged", "direct"))
+    for transfer, (summary, attrs, devices) in runs.items():
+        assert summary["kernel_bytes"] > 0
         assert len(devices) == 4 and all(f"transfer {transfer}" in d for d in devices)
+        assert all(d.endswith(f"cpu dct {dct.fused_kind()})") for d in devices), devices
         assert not attrs["cuda_aware_mpi"] and "mpi_memory_alloc_kinds" in attrs["cuda_aware_reason"]
-    assert hashes["staged"] == hashes["direct"] == hashes["host"]
+    assert len({summary["param_hashes"][0] for summary, _, _ in runs.values()}) == 1
 
 
 def test_busy_and_sleeping_waits_train_bit_identically(tmp_path):
     """mpi.wait changes only how a rank waits: the same run ends with the same parameters, and the trace
     records each rank's mode (auto decides from ranks and CPUs of the node)."""
-    hashes = {}
-    for wait in ("busy", "sleep", "auto"):
-        out = tmp_path / wait
-        result = run_mpi(4, [*RUN, "--set", f"mpi.wait={wait}", "--set", f"output.dir={out}"], timeout=180)
-        assert result.returncode == 0, result.stderr
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["replicas_identical"]
-        hashes[wait] = summary["param_hashes"][0]
-        with h5py.File(out / "trace.h5", "r") as trace:
-            devices = json.loads(read_attrs(trace)["devices"])
+    runs = _runs(tmp_path, "wait", ("busy", "sleep", "auto"))
+    for wait, (_, _, devices) in runs.items():
         expected = {"busy": "wait busy (set)", "sleep": "wait sleep (set)", "auto": "ranks on "}[wait]
         assert len(devices) == 4 and all(expected in d for d in devices), devices
-    assert hashes["busy"] == hashes["sleep"] == hashes["auto"]
+    assert len({summary["param_hashes"][0] for summary, _, _ in runs.values()}) == 1
 
 
 @pytest.mark.parametrize("transfer", ["staged", "direct"])

@@ -533,3 +533,28 @@ def test_the_array_module_generic_path_matches_numpy() -> None:
             assert np.allclose(ours[1].densify(va, step), theirs[1].densify(vb, step), atol=1e-5)
             pa, pb = ours[1].encode_unpacked(va, step), theirs[1].encode_unpacked(vb, step)
             assert np.allclose(ours[1].decode(pa, step), theirs[1].decode(pb, step), atol=1e-4)
+
+
+def test_the_gemm_path_without_the_compiled_pass_matches_it(monkeypatch) -> None:
+    """Without the C extension (no compiler) the encode runs the NumPy GEMM: the same packets' content,
+    residual and energy up to float rounding."""
+    from hpcfed.codec import dct
+
+    compiled = dct._forward_fused
+    if compiled is None:
+        pytest.skip(dct.fused_kind())
+    n, cfg = 64 * 300 + 11, dataclasses.replace(CFG, refresh_every=2)
+    codecs = {True: GradientCodec(n, cfg, seed=3, rank=1), False: GradientCodec(n, cfg, seed=3, rank=1)}
+    server = GradientCodec(n, cfg, seed=3, rank=0)
+    for step, grad in enumerate(_grads(n, 6, seed=4)):
+        decoded = {}
+        for fused, codec in codecs.items():
+            monkeypatch.setattr(dct, "_forward_fused", compiled if fused else None)
+            assert dct.fused(8, np) == fused
+            if codec.kernel_due(step):
+                codec.install_kernel(codec.merge_kernels([codec.local_kernel()]))
+            decoded[fused] = server.decode(codec.encode(grad, step), step)
+        assert np.allclose(decoded[True], decoded[False], atol=1e-4)
+        assert np.allclose(codecs[True].residual, codecs[False].residual, atol=1e-4)
+        assert np.allclose(codecs[True].energy, codecs[False].energy, rtol=1e-4, atol=1e-5)
+    assert dct.fused_kind() == "compiled 8x8 pass (" + dct._isa() + ")"

@@ -1,6 +1,7 @@
 """Block DCT: agreement with scipy's orthonormal DCT-II and an exact inverse."""
 
 import numpy as np
+import pytest
 import scipy.fft
 from hypothesis import given, settings, strategies as st
 
@@ -86,3 +87,58 @@ def test_forward_add_accumulates(n: int, blocks: int, seed: int) -> None:
     out, work = np.empty_like(x), np.empty_like(x)
     dct.forward(x, n, np, out=out, work=work)
     assert np.array_equal(out, dct.forward(x, n, np).reshape(-1))
+
+
+def test_the_compiled_pass_is_built_where_a_c_compiler_is() -> None:
+    """setup.py builds ``_blockdct`` optionally; on a machine with a compiler a silent fallback would be a
+    5x slower encode, so its absence here is a failure."""
+    import shutil
+
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert dct.fused(8, np), dct.fused_kind()
+        assert dct.fused_kind().startswith("compiled 8x8 pass (")
+    assert not dct.fused(16, np)
+
+
+@settings(max_examples=30, deadline=None)
+@given(blocks=st.integers(1, 300), add=st.booleans(), energy=st.booleans(), seed=st.integers(0, 2**31))
+def test_fused_pass_matches_the_gemm_residual_energy_and_sum(blocks: int, add: bool, energy: bool, seed: int) -> None:
+    if not dct.fused(8, np):
+        pytest.skip(dct.fused_kind())
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(blocks * 64).astype(np.float32) * 10.0 ** (seed % 5 - 2)
+    out = rng.standard_normal(blocks * 64).astype(np.float32)
+    acc = rng.random(blocks * 64).astype(np.float32)
+    before = acc.copy()
+    positions = np.sort(rng.choice(x.size, rng.integers(0, x.size // 4 + 1), replace=False)).astype(np.int64)
+    values = np.full(positions.size, np.nan, np.float32)
+    expected = dct.forward(x, 8, np).reshape(-1) + (out if add else 0)
+    total = dct.forward_fused(x, out, acc if energy else None, add, positions, values)
+    scale = float(np.abs(expected).max())
+    assert np.abs(out - expected).max() <= 1e-5 * scale
+    assert np.array_equal(values, out[positions])
+    assert np.isclose(total, float(np.dot(expected.astype(np.float64), expected)), rtol=1e-4)
+    if energy:
+        assert np.allclose(acc, before + expected * expected, rtol=1e-4, atol=1e-5 * scale**2)
+    else:
+        assert np.array_equal(acc, before)
+
+
+def test_fused_pass_rejects_what_it_cannot_read() -> None:
+    if not dct.fused(8, np):
+        pytest.skip(dct.fused_kind())
+    x = np.zeros(128, np.float32)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        dct.forward_fused(x[:100], np.zeros(100, np.float32), None, False)
+    with pytest.raises(ValueError, match="same length"):
+        dct.forward_fused(x, np.zeros(64, np.float32), None, False)
+    with pytest.raises(TypeError, match="float32"):
+        dct.forward_fused(x.astype(np.float64), np.zeros(128, np.float64), None, False)
+    with pytest.raises(ValueError, match="outside the 128 values"):
+        dct.forward_fused(x, np.zeros(128, np.float32), None, False, np.array([3, 128]), np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="go together"):
+        dct.forward_fused(x, np.zeros(128, np.float32), None, False, np.array([3]), None)
+    with pytest.raises(TypeError, match="positions must be int64"):
+        dct.forward_fused(x, np.zeros(128, np.float32), None, False, np.array([3], np.int32), np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        dct.forward_fused(x[::2], np.zeros(64, np.float32), None, False)
