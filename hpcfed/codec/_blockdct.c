@@ -26,9 +26,12 @@ static void init_matrix(void) {
     }
 }
 
+/* Where GCC can pick a clone at load time (ifunc): x86-64 Linux */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define HAS_CLONES 1
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
+#define HAS_CLONES 0
 #define CLONES
 #endif
 
@@ -140,7 +143,7 @@ done:
 }
 
 static PyObject *isa(PyObject *self, PyObject *unused) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#if HAS_CLONES
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4"))
         return PyUnicode_FromString("x86-64-v4");

@@ -14,8 +14,9 @@ butterflies on strided views (0.3-0.6 GB/s) and ``scipy.fft.dctn`` over the bloc
 (0.4 GB/s); the caller runs it on cache-sized chunks (see ``codec.py``).
 
 The CPU encode at block 8 runs :func:`forward_fused` instead when the compiled ``_blockdct`` extension is
-built (``setup.py``; optional): separable passes in registers with the residual add, the energy update and
-the sum of squares in the same pass, about 5x the Kronecker GEMM on one core (``benchmarks/codec_speed.py``).
+built (``setup.py``; optional): separable passes in registers with the residual add, the energy update, the
+sum of squares and the kernel gather in the same pass; the encode is 3-4x the GEMM path's on one core
+(``benchmarks/codec_speed.py``).
 
 :class:`KernelInverse` inverts a coefficient vector that is zero outside the kernel
 without the zeros: on NumPy a CSR product (each kept value times one row of C (x) C,
